@@ -1,0 +1,1 @@
+"""Data: tasks and class orders, per-step image selection, datasets and transforms."""

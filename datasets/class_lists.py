@@ -1,0 +1,106 @@
+"""Per-image class lists: which classes each label map contains.
+
+The file format is the standard one (``../shared/data/voc/train_cls.txt``)::
+
+    <image_id> c1 c2 ...
+
+with foreground classes 0-based (dataset class ``c + 1``), background and 255
+left out. The lists are derived from the label maps once, with a progress bar,
+and cached; a sidecar ``.json`` records the split's ids and the label files'
+sizes and modification times, so a stale or partial cache is detected and
+rebuilt. A user may also point the project at such a file directly.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from .layout import SplitFiles
+
+ClassLists = dict[str, frozenset[int]]  # image id -> dataset class ids (1-based foreground)
+
+
+class ClassListError(ValueError):
+    pass
+
+
+def read_class_lists(path: str | Path) -> ClassLists:
+    """Read a ``<id> c1 c2 ...`` file (0-based foreground) into id -> 1-based class ids."""
+    path = Path(path)
+    if not path.is_file():
+        raise ClassListError(f"class list file {str(path)!r} does not exist")
+    lists: ClassLists = {}
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        try:
+            classes = frozenset(int(c) + 1 for c in parts[1:])
+        except ValueError:
+            raise ClassListError(f"{path}:{number}: class ids must be integers, got {line!r}") from None
+        lists[parts[0]] = classes
+    if not lists:
+        raise ClassListError(f"class list file {path} is empty")
+    return lists
+
+
+def write_class_lists(path: str | Path, lists: ClassLists, ids: Optional[list[str]] = None) -> None:
+    path = Path(path)
+    lines = [" ".join([image_id] + [str(c - 1) for c in sorted(lists[image_id])]) for image_id in (ids or lists)]
+    _atomic_write(path, "\n".join(lines) + "\n")
+
+
+def classes_in_label(label_path: Path, num_classes: int) -> frozenset[int]:
+    """Foreground class ids (1..num_classes-1) present in one label map."""
+    values = np.unique(np.asarray(Image.open(label_path)))
+    return frozenset(int(v) for v in values if 0 < v < num_classes)
+
+
+def _fingerprint(files: SplitFiles) -> dict:
+    digest = hashlib.sha1()
+    for image_id, label in zip(files.ids, files.labels):
+        stat = label.stat()
+        digest.update(f"{image_id}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    return {"num_images": len(files.ids), "labels_sha1": digest.hexdigest()}
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def derive_class_lists(files: SplitFiles, num_classes: int, cache_file: Path,
+                       progress: bool = True, workers: int = 8) -> ClassLists:
+    """Class lists of ``files``, read from ``cache_file`` when it is current, else derived and cached."""
+    missing = [str(p) for p in files.labels[:1000] if not p.is_file()]
+    if missing:
+        raise ClassListError(f"label file {missing[0]} is missing ({len(missing)} of the first 1000 checked)")
+    meta_file = cache_file.with_suffix(cache_file.suffix + ".json")
+    fingerprint = _fingerprint(files)
+    if cache_file.is_file() and meta_file.is_file():
+        try:
+            if json.loads(meta_file.read_text()) == fingerprint:
+                cached = read_class_lists(cache_file)
+                if set(files.ids) <= cached.keys():
+                    return cached
+        except (ValueError, ClassListError):
+            pass  # unreadable cache: rebuild it below
+    # Decoding PNGs releases the GIL, so threads give a real speed-up.
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        found = list(tqdm(pool.map(lambda p: classes_in_label(p, num_classes), files.labels),
+                          total=len(files.labels), desc=f"class lists ({cache_file.name})",
+                          disable=not progress, leave=False))
+    lists = dict(zip(files.ids, found))
+    write_class_lists(cache_file, lists, list(files.ids))
+    _atomic_write(meta_file, json.dumps(fingerprint))  # written last: its presence marks a complete cache
+    return lists

@@ -1,0 +1,66 @@
+"""Run a class-incremental experiment: every step of the configured task.
+
+    python main.py --config configs/demo.yaml
+    python main.py --config configs/voc.yaml --opt data.task=10-1 method.name=baseline
+    torchrun --nproc_per_node=4 main.py --config configs/voc.yaml
+    python main.py --config configs/voc.yaml --resume          # continue an interrupted run
+    python main.py --config configs/voc.yaml --eval-only --step 5
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from utils.config import ConfigError, load_config
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML config (configs/*.yaml)")
+    parser.add_argument("--opt", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="override config keys, e.g. train.lr=0.01 data.task=15-5")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in output_dir/name: skip finished steps, resume the interrupted one")
+    parser.add_argument("--eval-only", action="store_true", help="evaluate the finished checkpoint of --step")
+    parser.add_argument("--step", type=int, default=None, help="step to evaluate with --eval-only (default: last)")
+    # python -m torch.distributed.launch passes --local_rank (older) or --local-rank (newer)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.opt)
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+
+    # Heavy imports after the config is known to be valid, so config errors come back fast.
+    from trainer.incremental import IncrementalTrainer
+    from utils.distributed import cleanup, init_distributed
+    from utils.logs import setup_logger
+
+    ctx = init_distributed(cfg.device, args.local_rank)
+    log = setup_logger(None if args.eval_only else cfg.run_dir, ctx.is_main)
+    try:
+        trainer = IncrementalTrainer(cfg, ctx, resume=args.resume)
+        if args.eval_only:
+            from utils.report import format_step_table
+            step = trainer.end_step if args.step is None else args.step
+            summary = trainer.evaluate_checkpoint(step)
+            if ctx.is_main:
+                print(format_step_table([summary]))
+        else:
+            trainer.run()
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
+        # Expected user errors (bad config, data layout, missing checkpoint): one clear line, no traceback.
+        log.error("%s: %s", type(err).__name__, err)
+        return 2
+    finally:
+        cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Reproduce the published CISS protocols, then write one comparison table.
+#
+#   GPUS=4 VOC_ROOT=data ADE_ROOT=data bash main.sh voc        # VOC, DeepLab-V3 R101
+#   GPUS=4 bash main.sh ade                                     # ADE20K, DeepLab-V3 R101
+#   GPUS=4 bash main.sh voc_vit | ade_vit                       # Segmenter ViT-B/16 (the paper's main model)
+#   METHOD=baseline bash main.sh voc                            # the reference's non-MBS baseline (or finetune)
+#   DRY_RUN=1 bash main.sh all                                  # print the commands only
+#
+# Environment: GPUS (processes per node, default 1), VOC_ROOT / ADE_ROOT (data roots,
+# default data), OUT (runs folder, default runs), METHOD (mbs | baseline | finetune),
+# EXTRA (more --opt overrides, e.g. "train.amp=fp16"). Every run is launched with
+# --resume, so re-running main.sh after an interruption continues where it stopped.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+suite=${1:-voc}
+GPUS=${GPUS:-1}
+VOC_ROOT=${VOC_ROOT:-data}
+ADE_ROOT=${ADE_ROOT:-data}
+OUT=${OUT:-runs}
+METHOD=${METHOD:-mbs}
+EXTRA=${EXTRA:-}
+DRY_RUN=${DRY_RUN:-0}
+PYTHON=${PYTHON:-python}
+
+VOC_TASKS="15-1 10-1 15-5 19-1 5-3 2-2"
+ADE_TASKS="100-50 100-10 100-5 50-50"
+run_dirs=()
+
+launch() {  # config name overrides...
+  local config=$1 name=$2
+  shift 2
+  local cmd
+  if [ "$GPUS" -gt 1 ]; then
+    cmd=(torchrun --standalone --nproc_per_node="$GPUS" main.py)
+  else
+    cmd=("$PYTHON" main.py)
+  fi
+  cmd+=(--config "$config" --resume --opt "name=$name" "output_dir=$OUT" "method.name=$METHOD" "$@")
+  # shellcheck disable=SC2206
+  [ -n "$EXTRA" ] && cmd+=($EXTRA)
+  echo "+ ${cmd[*]}"
+  [ "$DRY_RUN" = 1 ] || "${cmd[@]}"
+  run_dirs+=("$OUT/$name")
+}
+
+voc_suite() {  # config tag
+  for task in $VOC_TASKS; do
+    for setting in overlapped disjoint; do
+      launch "$1" "voc_${task}_${setting}_$2_${METHOD}" "data.root=$VOC_ROOT" "data.task=$task" "data.setting=$setting"
+    done
+  done
+}
+
+ade_suite() {  # config tag
+  for task in $ADE_TASKS; do
+    launch "$1" "ade_${task}_$2_${METHOD}" "data.root=$ADE_ROOT" "data.task=$task"
+  done
+}
+
+case "$suite" in
+  voc) voc_suite configs/voc.yaml r101 ;;
+  ade) ade_suite configs/ade20k.yaml r101 ;;
+  voc_vit) voc_suite configs/voc_vit.yaml vitb16 ;;
+  ade_vit) ade_suite configs/ade20k_vit.yaml vitb16 ;;
+  all)
+    voc_suite configs/voc.yaml r101; ade_suite configs/ade20k.yaml r101
+    voc_suite configs/voc_vit.yaml vitb16; ade_suite configs/ade20k_vit.yaml vitb16 ;;
+  *) echo "unknown suite '$suite': use voc, ade, voc_vit, ade_vit or all" >&2; exit 2 ;;
+esac
+
+table="$OUT/summary_${suite}_${METHOD}.md"
+echo "+ $PYTHON -m utils.report ${run_dirs[*]} --out $table"
+if [ "$DRY_RUN" != 1 ]; then
+  "$PYTHON" -m utils.report "${run_dirs[@]}" --out "$table"
+  echo "results table: $table"
+fi

@@ -1,0 +1,105 @@
+"""ResNet backbones from torchvision, dilated to output stride 16 or 8.
+
+``pretrained`` is ``imagenet`` (torchvision's ImageNet weights, fetched through
+torchvision's own download cache, ``$TORCH_HOME``), ``none`` (random init), or
+a path to a local state dict in torchvision's ResNet format (for clusters
+without internet; ``fc.*`` keys are ignored).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision import models
+from torchvision.models.resnet import BasicBlock
+
+RESNETS = {
+    "resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1, 512),
+    "resnet34": (models.resnet34, models.ResNet34_Weights.IMAGENET1K_V1, 512),
+    "resnet50": (models.resnet50, models.ResNet50_Weights.IMAGENET1K_V1, 2048),
+    "resnet101": (models.resnet101, models.ResNet101_Weights.IMAGENET1K_V1, 2048),
+}
+
+
+class PretrainedWeightsError(ValueError):
+    """A local weights file is missing or does not match the network; names the file and keys."""
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict saved with torch.save, unwrapping ``{'state_dict': ...}``/``{'model': ...}``
+    and a DistributedDataParallel ``module.`` prefix."""
+    path = Path(path)
+    if not path.is_file():
+        raise PretrainedWeightsError(f"pretrained weights file {str(path)!r} does not exist "
+                                     "(model.pretrained takes 'imagenet', 'none' or a path to a state dict)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt files
+        raise PretrainedWeightsError(f"could not read pretrained weights file {str(path)!r}: {err}") from err
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise PretrainedWeightsError(f"pretrained weights file {str(path)!r} does not hold a state dict")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def load_matching(module: nn.Module, state: dict[str, torch.Tensor], source: str,
+                  ignore_prefixes: tuple[str, ...] = ()) -> None:
+    """Load ``state`` into ``module`` requiring every key and shape to match (except ignored prefixes)."""
+    state = {k: v for k, v in state.items() if not k.startswith(ignore_prefixes)}
+    own = {k: v for k, v in module.state_dict().items() if not k.startswith(ignore_prefixes)}
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                  if k in state and state[k].shape != v.shape]
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+            if keys:
+                parts.append(f"{len(keys)} {label} (first: {', '.join(keys[:5])})")
+        raise PretrainedWeightsError(f"pretrained weights {source!r} do not match the network: " + "; ".join(parts))
+    module.load_state_dict(state, strict=not ignore_prefixes)
+
+
+def _dilate_basic_blocks(layer: nn.Sequential, previous: int, dilation: int) -> None:
+    """torchvision's BasicBlock refuses dilation, so set it by hand with torchvision's rule for
+    Bottleneck: the first block drops its stride and keeps the previous dilation, the rest dilate."""
+    layer[0].conv1.stride = (1, 1)
+    if layer[0].downsample is not None:
+        layer[0].downsample[0].stride = (1, 1)
+    for i, block in enumerate(layer):
+        d = previous if i == 0 else dilation
+        for conv in (block.conv1, block.conv2):
+            conv.dilation, conv.padding = (d, d), (d, d)
+
+
+class ResNetBackbone(nn.Module):
+    """ResNet trunk without pooling/fc; returns the last stage's features (B, out_channels, H/os, W/os)."""
+
+    def __init__(self, name: str = "resnet101", pretrained: str = "imagenet", output_stride: int = 16):
+        super().__init__()
+        if name not in RESNETS:
+            raise ValueError(f"unknown backbone {name!r} for DeepLab; known: {', '.join(RESNETS)}")
+        if output_stride not in (8, 16):
+            raise ValueError(f"output_stride must be 8 or 16, got {output_stride}")
+        builder, weights, self.out_channels = RESNETS[name]
+        dilate = [False, output_stride == 8, True]
+        bottleneck = name not in ("resnet18", "resnet34")
+        net = builder(weights=None, replace_stride_with_dilation=dilate if bottleneck else None)
+        if pretrained == "imagenet":
+            net.load_state_dict(weights.get_state_dict(progress=True))
+        elif pretrained != "none":
+            load_matching(net, load_state_dict_file(pretrained), str(pretrained), ignore_prefixes=("fc.",))
+        if not bottleneck:
+            if output_stride == 8:
+                _dilate_basic_blocks(net.layer3, 1, 2)
+                _dilate_basic_blocks(net.layer4, 2, 4)
+            else:
+                _dilate_basic_blocks(net.layer4, 1, 2)
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))

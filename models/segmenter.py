@@ -1,0 +1,239 @@
+"""Segmenter: a ViT encoder and a Mask-Transformer decoder with per-step class embeddings (spec section 3).
+
+Encoder: a timm VisionTransformer (``vit_base_patch16_384`` by default) built at ``image_size`` with
+``dynamic_img_size`` and ``dynamic_img_pad``: any input size works (timm zero-pads the bottom/right to a
+multiple of the patch size and resamples the position embedding to the patch grid); only the patch tokens are
+used (class/register tokens are dropped).
+
+Decoder (Mask Transformer, Strudel et al. 2021), for N patch tokens and C classes:
+    tokens (B, N, E) --proj_dec--> (B, N, D); append the class embeddings (B, C, D)
+    -> ``decoder_layers`` pre-norm Transformer blocks (joint self-attention over patches and classes)
+    -> LayerNorm -> patches (B, N, D) @ proj_patch, classes (B, C, D) @ proj_classes
+    -> L2-normalise both -> masks = patches @ classes^T (B, N, C) -> mask norm -> (B, C, h, w).
+
+Incremental layout. The per-step pieces are the class embeddings ``class_embeddings.{t}`` (1, n_t, D) and the
+mask-norm affine parameters ``mask_norms.{t}.weight`` / ``mask_norms.{t}.bias`` (n_t,). Growing a model by one
+step adds exactly these three keys, so ``new.load_state_dict(old.state_dict(), strict=False)`` reports as
+missing only ``class_embeddings.{T}``, ``mask_norms.{T}.weight`` and ``mask_norms.{T}.bias`` (T = new step);
+the trainer relies on this.
+
+Mask norm. The statistics (mean, std) are taken over *all* current channels at each patch and only the affine
+parameters are kept per step, as the reference implementation does. A LayerNorm applied to each step's block
+on its own would make every single-class step (15-1, 10-1, 19-1, ...) output a constant logit (a one-channel
+LayerNorm returns its bias) that no gradient can move. Consequence: the old channels' logits depend on the new
+channels, exactly as they already do through the decoder's joint self-attention.
+
+What the methods read: ``features`` = the projected patch outputs before L2-normalisation (B, D, h, w) -- the
+features the classifier reads, distilled by AFD; ``class_embeddings`` = the projected class outputs before
+normalisation (B, C, D) -- the Transformer's extra MSE term; ``class_vectors()`` = the learned class embeddings
+(C, D) -- background transfer and the orthogonal objective.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import Block, checkpoint_filter_fn
+from torch import nn
+
+from .backbones import PretrainedWeightsError, load_matching, load_state_dict_file
+from .base import IncrementalSegmenter, SegmentationOutput
+
+
+def vit_encoder_kwargs(image_size: int, drop_path_rate: float, overrides: dict | None = None) -> dict:
+    """Keyword arguments of ``timm.create_model`` for the encoder: all tokens out (no pooling, no head), any
+    input size accepted (padded to the patch size, position embedding resampled to the grid)."""
+    return dict(img_size=image_size, num_classes=0, global_pool="", drop_path_rate=drop_path_rate,
+                dynamic_img_size=True, dynamic_img_pad=True, **(overrides or {}))
+
+
+def enable_fused_attention(module: nn.Module) -> None:
+    """Make every timm attention layer call F.scaled_dot_product_attention (flash / memory-efficient kernels)
+    whatever timm's default was (it reads TIMM_FUSED_ATTN from the environment at construction)."""
+    if not hasattr(F, "scaled_dot_product_attention"):
+        raise RuntimeError("this PyTorch has no F.scaled_dot_product_attention")
+    for sub in module.modules():
+        if hasattr(sub, "fused_attn"):
+            sub.fused_attn = True
+
+
+def read_vit_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A timm-format ViT state dict from a local file (``torch.save`` output, or ``.safetensors`` as on the
+    Hugging Face hub). Raises PretrainedWeightsError naming the file when it is missing or unreadable."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return load_state_dict_file(path)
+    if not path.is_file():
+        raise PretrainedWeightsError(f"pretrained weights file {str(path)!r} does not exist "
+                                     "(model.pretrained takes 'imagenet', 'none' or a path to a state dict)")
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path))
+    except Exception as err:  # safetensors raises its own error types
+        raise PretrainedWeightsError(f"could not read pretrained weights file {str(path)!r}: {err}") from err
+
+
+def build_vit_encoder(backbone: str, pretrained: str, image_size: int, drop_path_rate: float,
+                      overrides: dict | None = None) -> nn.Module:
+    """The encoder. ``pretrained``: ``imagenet`` (timm's default weights for ``backbone``, for
+    vit_base_patch16_384 the augreg in21k->in1k 384 px ones; timm's checkpoint filter resizes the position
+    embedding to ``image_size``), ``none`` (random init) or a path to a local timm-format state dict (loaded
+    through the same timm checkpoint filter; every key must match except the classifier ``head.*``)."""
+    encoder = timm.create_model(backbone, pretrained=pretrained == "imagenet",
+                                **vit_encoder_kwargs(image_size, drop_path_rate, overrides))
+    if pretrained not in ("imagenet", "none"):
+        state = read_vit_state_dict(pretrained)
+        try:
+            # timm's own filter: resamples pos_embed (bicubic) and the patch kernel, drops pre_logits
+            state = checkpoint_filter_fn(state, encoder)
+        except Exception as err:
+            raise PretrainedWeightsError(f"pretrained weights {str(pretrained)!r} could not be adapted to "
+                                         f"{backbone}: {err}") from err
+        load_matching(encoder, state, str(pretrained), ignore_prefixes=("head.",))
+    enable_fused_attention(encoder)
+    return encoder
+
+
+class MaskNormAffine(nn.Module):
+    """The affine part of one step's mask norm: ``weight`` and ``bias`` of shape (n_t,)."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(num_classes))
+        self.bias = nn.Parameter(torch.zeros(num_classes))
+
+
+class Segmenter(IncrementalSegmenter):
+    """ViT + Mask Transformer with one block of class embeddings and mask-norm parameters per step.
+
+    ``decoder_dropout`` / ``decoder_drop_path_rate`` default to the Segmenter reference configuration of the
+    Mask Transformer (dropout 0.1 on attention weights, projections and MLP; no stochastic depth);
+    ``drop_path_rate`` is the encoder's stochastic depth (reference 0.1).
+    """
+
+    def __init__(self, classes_per_step: list[int], backbone: str = "vit_base_patch16_384", pretrained: str = "none",
+                 image_size: int = 512, decoder_layers: int = 2, decoder_heads: int = 12, decoder_dim: int = 768,
+                 drop_path_rate: float = 0.1, backbone_overrides: dict | None = None,
+                 decoder_dropout: float = 0.1, decoder_drop_path_rate: float = 0.0, mask_norm_eps: float = 1e-5):
+        super().__init__(classes_per_step)
+        if self.num_classes < 2:
+            raise ValueError("a Segmenter needs at least 2 classes (the mask norm standardises over classes)")
+        self.encoder = build_vit_encoder(backbone, pretrained, image_size, drop_path_rate, backbone_overrides)
+        self.patch_size = tuple(self.encoder.patch_embed.patch_size)
+        self.decoder_dim = decoder_dim
+        self.mask_norm_eps = mask_norm_eps
+        # the normalisation the encoder's weights were trained with (0.5/0.5 for the augreg ViTs)
+        self.input_mean = tuple(self.encoder.pretrained_cfg.get("mean", (0.485, 0.456, 0.406)))
+        self.input_std = tuple(self.encoder.pretrained_cfg.get("std", (0.229, 0.224, 0.225)))
+
+        self.proj_dec = nn.Linear(self.encoder.embed_dim, decoder_dim)
+        rates = torch.linspace(0, decoder_drop_path_rate, decoder_layers).tolist()
+        self.blocks = nn.ModuleList(
+            Block(decoder_dim, decoder_heads, mlp_ratio=4.0, qkv_bias=True, proj_drop=decoder_dropout,
+                  attn_drop=decoder_dropout, drop_path=rate) for rate in rates)
+        self.decoder_norm = nn.LayerNorm(decoder_dim)
+        # the encoder keeps timm's init (or its pretrained weights); the decoder gets ViT-style init
+        for module in (self.proj_dec, self.blocks, self.decoder_norm):
+            module.apply(self._init_decoder_weights)
+        enable_fused_attention(self.blocks)
+        # D x D projections with entries of variance 1/D, so projected vectors keep their scale
+        scale = decoder_dim ** -0.5
+        self.proj_patch = nn.Parameter(scale * torch.randn(decoder_dim, decoder_dim))
+        self.proj_classes = nn.Parameter(scale * torch.randn(decoder_dim, decoder_dim))
+
+        self.class_embeddings = nn.ParameterList()
+        for n in self.classes_per_step:
+            embedding = nn.Parameter(torch.empty(1, n, decoder_dim))
+            trunc_normal_(embedding, std=0.02)
+            self.class_embeddings.append(embedding)
+        self.mask_norms = nn.ModuleList(MaskNormAffine(n) for n in self.classes_per_step)
+
+    @staticmethod
+    def _init_decoder_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    @property
+    def fused_attention_enabled(self) -> bool:
+        """True when every attention layer (encoder and decoder) uses F.scaled_dot_product_attention."""
+        flags = [m.fused_attn for m in self.modules() if hasattr(m, "fused_attn")]
+        return bool(flags) and all(flags)
+
+    def new_step_keys(self) -> list[str]:
+        """State-dict keys of the last step: the only keys a checkpoint of the previous step lacks."""
+        t = len(self.classes_per_step) - 1
+        return [f"class_embeddings.{t}", f"mask_norms.{t}.weight", f"mask_norms.{t}.bias"]
+
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """images (B, 3, H, W) -> patch tokens (B, h*w, E) and the grid (h, w) = (ceil(H/p), ceil(W/p))."""
+        tokens = self.encoder.forward_features(images)[:, self.encoder.num_prefix_tokens:]
+        grid = (math.ceil(images.shape[-2] / self.patch_size[0]), math.ceil(images.shape[-1] / self.patch_size[1]))
+        if tokens.shape[1] != grid[0] * grid[1]:
+            raise RuntimeError(f"encoder returned {tokens.shape[1]} patch tokens, expected a {grid} grid")
+        return tokens, grid
+
+    def normalize_masks(self, masks: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) -> (B, N, C): standardise over all C channels at each patch (unbiased std, eps added to
+        the std, as the reference), then scale and shift with each step's own affine parameters."""
+        mean = masks.mean(dim=-1, keepdim=True)
+        std = masks.std(dim=-1, keepdim=True)
+        weight = torch.cat([norm.weight for norm in self.mask_norms])
+        bias = torch.cat([norm.bias for norm in self.mask_norms])
+        return (masks - mean) / (std + self.mask_norm_eps) * weight + bias
+
+    def forward(self, images: torch.Tensor) -> SegmentationOutput:
+        """images (B, 3, H, W) -> logits (B, C, H, W), logits_lowres (B, C, h, w), features (B, D, h, w),
+        class_embeddings (B, C, D); h, w = ceil(H/p), ceil(W/p)."""
+        B, _, H, W = images.shape
+        tokens, (h, w) = self.encode(images)
+        n_patches = h * w
+        x = self.proj_dec(tokens)                                                   # (B, N, D)
+        classes = self.class_vectors().unsqueeze(0).expand(B, -1, -1)              # (B, C, D)
+        x = torch.cat([x, classes.to(x.dtype)], dim=1)                              # (B, N + C, D)
+        for block in self.blocks:
+            x = block(x)
+        x = self.decoder_norm(x)
+        # cosine scores and their standardisation are precision-sensitive and cheap: keep them in fp32
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            x = x.float()
+            patches = x[:, :n_patches] @ self.proj_patch                           # (B, N, D)
+            class_out = x[:, n_patches:] @ self.proj_classes                       # (B, C, D)
+            masks = F.normalize(patches, dim=-1) @ F.normalize(class_out, dim=-1).transpose(1, 2)  # (B, N, C)
+            masks = self.normalize_masks(masks)
+            logits_lowres = masks.transpose(1, 2).reshape(B, self.num_classes, h, w)
+            # upsample to the padded size the grid covers, then crop timm's bottom/right padding
+            padded = (h * self.patch_size[0], w * self.patch_size[1])
+            logits = F.interpolate(logits_lowres, size=padded, mode="bilinear", align_corners=False)[..., :H, :W]
+        features = patches.transpose(1, 2).reshape(B, self.decoder_dim, h, w)
+        return SegmentationOutput(logits=logits, logits_lowres=logits_lowres, features=features,
+                                  class_embeddings=class_out)
+
+    def class_vectors(self) -> torch.Tensor:
+        """(C, D): the learned class embeddings of all steps in step order (the parameters; gradients flow)."""
+        return torch.cat([embedding[0] for embedding in self.class_embeddings], dim=0)
+
+    @torch.no_grad()
+    def transfer_background_to_new_classes(self) -> None:
+        """Spec 2(a): every class embedding of the last step becomes a copy of background's (row 0 of step 0).
+
+        Only the class embeddings are copied, as the spec names them; the new step's mask-norm affine keeps
+        its fresh init (weight 1, bias 0)."""
+        if len(self.class_embeddings) < 2:
+            raise RuntimeError("background transfer needs a model with at least one incremental step")
+        background, new = self.class_embeddings[0], self.class_embeddings[-1]
+        new.copy_(background[:, :1].expand_as(new))
+
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """backbone: the ViT encoder; head: the decoder, projections, class embeddings and mask norms."""
+        backbone = list(self.encoder.parameters())
+        backbone_ids = {id(p) for p in backbone}
+        return {"backbone": backbone, "head": [p for p in self.parameters() if id(p) not in backbone_ids]}

@@ -1,0 +1,73 @@
+"""Checkpoints, written atomically (temporary file in the same folder, then rename).
+
+A run folder holds::
+
+    checkpoints/step{t}.pt           the finished step t: model, optimiser, scaler, config, metrics
+    checkpoints/step{t}_partial.pt   the periodic in-step state of a step still running
+    checkpoints/step{t}_best.pt      best-so-far weights of step t (checkpoint_policy=best)
+
+A finished-step file is only ever written complete, so its presence means the
+step is done; ``--resume`` never retrains it.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+def step_checkpoint(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step{step}.pt"
+
+
+def partial_checkpoint(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step{step}_partial.pt"
+
+
+def best_checkpoint(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step{step}_best.pt"
+
+
+def save_atomic(state: dict[str, Any], path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as err:  # corrupt or foreign file
+        raise CheckpointError(f"checkpoint {str(path)!r} could not be read: {err}") from err
+
+
+def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
+                       allowed_missing_prefixes: tuple[str, ...] = ()) -> None:
+    """Load ``state`` into ``model``; only keys under ``allowed_missing_prefixes`` may be absent
+    (the new step's head when growing a model), nothing may be unexpected."""
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith(allowed_missing_prefixes)]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(
+            f"checkpoint {source} does not match the model: missing {missing[:5]}, "
+            f"unexpected {result.unexpected_keys[:5]}")
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def remove_if_exists(path: Optional[Path]) -> None:
+    if path is not None and Path(path).exists():
+        Path(path).unlink()

@@ -1,0 +1,270 @@
+"""One typed configuration schema for every run.
+
+A run is described by a YAML file (``configs/*.yaml``) plus ``--opt key=value``
+overrides on the command line. Every key has a default here; an unknown or
+misspelled key is an error that names it (with the closest known key), and a
+value of the wrong type or outside its allowed set is an error naming the key.
+The fully resolved config is saved with every run (``config.yaml``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key or file."""
+
+
+@dataclass
+class SyntheticConfig:
+    enabled: bool = False       # generate the built-in synthetic dataset at data.root if absent
+    num_train: int = 1000
+    num_val: int = 200
+    image_size: int = 128
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "voc"                  # voc | ade
+    root: str = "data"                    # folder holding VOCdevkit/ or ADEChallengeData2016/
+    task: str = "15-1"                    # a name from datasets.tasks (see `python -m datasets.splits --list`)
+    custom_steps: Optional[list] = None   # explicit steps [[0, 1, ...], [..], ...] instead of a named task
+    setting: str = "overlapped"           # overlapped | disjoint
+    class_lists: Optional[str] = None     # a train_cls.txt-style file; default: derived from the labels and cached
+    cache_dir: Optional[str] = None       # where derived class lists go; default: next to the data
+    base_size: int = 512                  # short side before random scaling / for center-crop evaluation
+    crop_size: int = 512
+    scale_range: list = field(default_factory=lambda: [0.5, 2.0])
+    eval_mode: str = "center_crop"        # center_crop (the reference) | full (whole image, batch 1)
+    num_workers: int = 4
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+
+@dataclass
+class ModelConfig:
+    architecture: str = "deeplabv3"       # deeplabv3 | segmenter
+    backbone: str = "resnet101"           # resnet18/34/50/101 | a timm ViT name
+    pretrained: str = "imagenet"          # imagenet | none | path to a local state dict
+    output_stride: int = 16               # DeepLab only: 16 or 8
+    head_channels: int = 256              # DeepLab ASPP width
+    decoder_layers: int = 2               # Segmenter only
+    decoder_heads: int = 12
+    decoder_dim: int = 768
+    drop_path_rate: float = 0.1
+    backbone_overrides: dict = field(default_factory=dict)  # timm kwargs for a small ViT (tests/CPU)
+
+
+@dataclass
+class MethodConfig:
+    """The incremental-learning method and its switches (spec section 2).
+
+    ``name`` picks defaults for the switches left at null: ``mbs`` turns every
+    component on, ``baseline`` is the reference's non-MBS variant (plain
+    pseudo-labels, unweighted feature MSE, plain KD), ``finetune`` is
+    cross-entropy only. A switch set explicitly overrides the preset, so an
+    ablation table is a set of configs.
+    """
+
+    name: str = "mbs"                          # mbs | baseline | finetune
+    weight_transfer: Optional[bool] = None     # (a) new class vectors start as the background's
+    pseudo_labels: Optional[bool] = None       # (b) step 1: label background pixels with confident old predictions
+    selective_pl: Optional[bool] = None        # (b) steps 2-3: object identifier -> ignore
+    feature_distill: Optional[bool] = None     # (c) on: distil features at all
+    afd: Optional[bool] = None                 # (c) adaptive weights (off: unweighted MSE)
+    output_distill: Optional[bool] = None      # (d) on: distil outputs at all
+    lgkd: Optional[bool] = None                # (d) label-guided (off: plain KD on old channels)
+    ortho: Optional[bool] = None               # (e) orthogonal objective
+    pseudo_threshold: float = 0.7              # tau
+    output_distill_weight: float = 25.0        # lambda: 25 VOC, 50 ADE
+    feature_distill_weight: float = 1.0
+    ortho_weight: float = 1.0                  # multiplied by |C_new| / |C_old u C_new|
+    class_embedding_distill_weight: float = 1.0  # Transformer: MSE on old class-token outputs
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    epochs_incremental: Optional[int] = None   # default: same as epochs
+    batch_size: int = 24                       # total over all processes
+    val_batch_size: int = 8                    # per process; forced to 1 for eval_mode=full
+    lr: float = 0.01                           # step 0
+    lr_incremental: float = 0.001              # steps >= 1
+    lr_schedule: str = "poly"                  # poly | constant
+    poly_power: float = 0.9
+    head_lr_multiplier: float = 1.0            # head lr = lr * this
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 1e-4
+    amp: str = "bf16"                          # bf16 | fp16 | none (CUDA only; CPU runs in fp32)
+    max_iters_per_step: Optional[int] = None   # cap iterations per step (quick runs, tests)
+    val_interval: int = 0                      # validate every N epochs during a step (0: never)
+    checkpoint_policy: str = "last"            # last | best (best new-class mIoU on val, as the reference)
+    checkpoint_interval: int = 500             # in-step checkpoint every N iterations (0: never)
+    log_interval: int = 10                     # iterations between tensorboard scalars
+    image_log_interval: int = 0                # iterations between tensorboard images (0: once per epoch)
+
+
+@dataclass
+class Config:
+    name: str = "run"
+    output_dir: str = "runs"          # the run lives in output_dir/name
+    seed: int = 0
+    device: str = "auto"              # auto | cpu | cuda
+    start_step: int = 0
+    end_step: Optional[int] = None    # last step to run (inclusive); default: the task's last
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir) / self.name
+
+
+CHOICES = {
+    "data.dataset": {"voc", "ade"},
+    "data.setting": {"overlapped", "disjoint"},
+    "data.eval_mode": {"center_crop", "full"},
+    "model.architecture": {"deeplabv3", "segmenter"},
+    "method.name": {"mbs", "baseline", "finetune"},
+    "train.lr_schedule": {"poly", "constant"},
+    "train.amp": {"bf16", "fp16", "none"},
+    "train.checkpoint_policy": {"last", "best"},
+    "device": {"auto", "cpu", "cuda"},
+}
+
+
+def _check_value(key: str, value: Any, annotation: Any) -> Any:
+    """Return ``value`` converted to the field's type, or raise ConfigError naming ``key``."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Union:  # Optional[X]
+        if value is None:
+            return None
+        return _check_value(key, value, next(a for a in args if a is not type(None)))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # e.g. `task: 100-50` is a string in YAML anyway; `pretrained: 0` is not
+    elif annotation in (list, dict) or origin in (list, dict):
+        if isinstance(value, origin or annotation):
+            return value
+    else:  # pragma: no cover - schema error, not user error
+        raise TypeError(f"unsupported annotation {annotation} for {key}")
+    name = getattr(annotation, "__name__", str(annotation))
+    raise ConfigError(f"config key {key!r}: expected {name}, got {value!r} ({type(value).__name__})")
+
+
+def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
+    """Write ``updates`` into the dataclass ``obj`` in place, checking keys and types."""
+    hints = typing.get_type_hints(type(obj))
+    fields = {f.name for f in dataclasses.fields(obj)}
+    if not isinstance(updates, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.') or '<top>'!r} must be a mapping, got {updates!r}")
+    for key, value in updates.items():
+        full = prefix + str(key)
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), sorted(fields), n=1)
+            hint = f" (did you mean {prefix + close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown config key {full!r}{hint}; known keys in this section: {', '.join(sorted(fields))}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _merge(current, value if value is not None else {}, full + ".")
+        else:
+            setattr(obj, key, _check_value(full, value, hints[key]))
+
+
+def _validate(cfg: Config) -> None:
+    for key, allowed in CHOICES.items():
+        value = cfg
+        for part in key.split("."):
+            value = getattr(value, part)
+        if value not in allowed:
+            raise ConfigError(f"config key {key!r}: {value!r} is not one of {', '.join(sorted(allowed))}")
+    positive = ["train.epochs", "train.batch_size", "train.val_batch_size", "data.crop_size", "data.base_size"]
+    for key in positive:
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) <= 0:
+            raise ConfigError(f"config key {key!r} must be positive")
+    low, high = (cfg.data.scale_range + [None, None])[:2] if len(cfg.data.scale_range) == 2 else (None, None)
+    if low is None or not 0 < low <= high:
+        raise ConfigError(f"config key 'data.scale_range' must be [low, high] with 0 < low <= high, got {cfg.data.scale_range}")
+    if not 0.0 <= cfg.method.pseudo_threshold <= 1.0:
+        raise ConfigError("config key 'method.pseudo_threshold' must lie in [0, 1]")
+    if cfg.train.max_iters_per_step is not None and cfg.train.max_iters_per_step <= 0:
+        raise ConfigError("config key 'train.max_iters_per_step' must be positive or null")
+    if cfg.start_step < 0:
+        raise ConfigError("config key 'start_step' must be >= 0")
+    if "/" in cfg.name or cfg.name in ("", ".", ".."):
+        raise ConfigError(f"config key 'name': {cfg.name!r} is not a valid run folder name")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=0.1"`` -> (["train", "lr"], 0.1); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.subkey=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from None
+    return key.strip().split("."), value
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Build a Config from defaults, an optional YAML file and ``key=value`` overrides."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            content = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+        try:
+            _merge(cfg, content)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        nested: Any = value
+        for key in reversed(keys):
+            nested = {key: nested}
+        _merge(cfg, nested)
+    _validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(content: dict) -> Config:
+    cfg = Config()
+    _merge(cfg, content)
+    _validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

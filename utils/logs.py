@@ -1,0 +1,86 @@
+"""Run logging: a plain-text log, tensorboard scalars and images (rank 0 only)."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+
+LOGGER_NAME = "mbs"
+
+
+def setup_logger(run_dir: Optional[Path], is_main: bool) -> logging.Logger:
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.handlers.clear()
+    logger.propagate = False
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(formatter)
+    logger.addHandler(console)
+    if is_main and run_dir is not None:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(Path(run_dir) / "log.txt")
+        handler.setFormatter(formatter)
+        logger.addHandler(handler)
+    return logger
+
+
+def get_logger() -> logging.Logger:
+    return logging.getLogger(LOGGER_NAME)
+
+
+def voc_palette(num_entries: int = 256) -> np.ndarray:
+    """The standard PASCAL VOC colour map (bit-interleaved), (256, 3) uint8; 255 shows white."""
+    palette = np.zeros((num_entries, 3), dtype=np.uint8)
+    for index in range(num_entries):
+        value, r, g, b = index, 0, 0, 0
+        for shift in range(7, -1, -1):
+            r |= (value & 1) << shift
+            g |= ((value >> 1) & 1) << shift
+            b |= ((value >> 2) & 1) << shift
+            value >>= 3
+        palette[index] = (r, g, b)
+    palette[255] = (255, 255, 255)
+    return palette
+
+
+_PALETTE = torch.from_numpy(voc_palette())
+
+
+def colorize(labels: torch.Tensor) -> torch.Tensor:
+    """(H, W) integer labels -> (3, H, W) uint8 RGB in the dataset palette."""
+    return _PALETTE[labels.long().clamp(0, 255).cpu()].permute(2, 0, 1)
+
+
+class TensorboardWriter:
+    """Thin wrapper: a no-op on non-main ranks, so callers never branch on rank."""
+
+    def __init__(self, log_dir: Optional[Path], enabled: bool):
+        self.writer = None
+        if enabled and log_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=str(log_dir))
+
+    def scalars(self, values: dict[str, float], step: int, prefix: str = "") -> None:
+        if self.writer is None:
+            return
+        for name, value in values.items():
+            if value is not None:
+                self.writer.add_scalar(prefix + name, float(value), step)
+
+    def segmentation_images(self, tag: str, image: torch.Tensor, label: torch.Tensor,
+                            prediction: torch.Tensor, step: int) -> None:
+        """Input (3,H,W) in [0,1], label and prediction (H,W), side by side."""
+        if self.writer is None:
+            return
+        row = torch.cat([(image.cpu() * 255).to(torch.uint8), colorize(label), colorize(prediction)], dim=2)
+        self.writer.add_image(tag, row, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.flush()
+            self.writer.close()

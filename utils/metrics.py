@@ -1,0 +1,93 @@
+"""Segmentation metrics: a streaming confusion matrix and the CISS summaries (spec section 1).
+
+The matrix lives on the evaluation device and is summed over processes with one
+``all_reduce`` at the end, so distributed evaluation counts every pixel once.
+
+IoU of class c = TP / (TP + FP + FN). A class that was evaluated and got IoU 0
+counts as 0 in every mean (the reference's overall "Mean IoU" silently drops
+zero-IoU classes; we do not). A class with an empty denominator (no ground
+truth pixel and never predicted) has no IoU: it is reported as ``None`` and left
+out of the means, because nothing was measured for it.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+
+class ConfusionMatrix:
+    """``matrix[t, p]`` counts pixels of true class t predicted as p, for t, p < num_classes.
+
+    Ground-truth values >= num_classes (255 = ignore, classes not yet learned are
+    already mapped to 255 by the validation label table) are not counted.
+    """
+
+    def __init__(self, num_classes: int, device: torch.device | str = "cpu"):
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be positive, got {num_classes}")
+        self.num_classes = num_classes
+        self.matrix = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+
+    def update(self, prediction: torch.Tensor, target: torch.Tensor) -> None:
+        """prediction, target: integer tensors of the same shape (e.g. (B, H, W))."""
+        if prediction.shape != target.shape:
+            raise ValueError(f"prediction {tuple(prediction.shape)} and target {tuple(target.shape)} differ")
+        n = self.num_classes
+        target = target.reshape(-1).to(self.matrix.device, torch.int64)
+        prediction = prediction.reshape(-1).to(self.matrix.device, torch.int64)
+        valid = (target >= 0) & (target < n)
+        # one bincount over t * n + p is the whole update: no loop over classes
+        self.matrix += torch.bincount(target[valid] * n + prediction[valid], minlength=n * n).view(n, n)
+
+    def reduce_from_all_processes(self) -> None:
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(self.matrix)
+
+    def iou(self) -> list[Optional[float]]:
+        return class_iou(self.matrix)
+
+
+def class_iou(matrix: torch.Tensor) -> list[Optional[float]]:
+    """IoU per class of a (C, C) confusion matrix; None where TP + FP + FN = 0."""
+    matrix = matrix.double().cpu()
+    tp = matrix.diag()
+    denominator = matrix.sum(0) + matrix.sum(1) - tp
+    return [None if d == 0 else float(t / d) for t, d in zip(tp.tolist(), denominator.tolist())]
+
+
+def mean_iou(ious: Sequence[Optional[float]], channels: Sequence[int]) -> Optional[float]:
+    """Mean of the IoUs of ``channels`` that have one (zeros included); None if none has."""
+    values = [ious[c] for c in channels if ious[c] is not None]
+    return sum(values) / len(values) if values else None
+
+
+def summarize(matrix: torch.Tensor, old: Sequence[int], new: Sequence[int], names: Sequence[str],
+              ignore_background: bool = False) -> dict:
+    """The numbers reported after a step.
+
+    matrix: (C, C) confusion matrix over the C channels seen so far.
+    old: channels of step 0 (background 0 included); new: channels of steps 1..t.
+    names: a unique name per channel.
+    ignore_background: ADE20K, where channel 0 ("other") is not a class that is evaluated.
+
+    Returns a dict with ``iou`` (name -> IoU or None), ``miou_old`` (step-0 classes;
+    VOC with background, "0-15"), ``miou_new``, ``miou_all``, ``miou_old_no_bg`` (the
+    reference's split: old without background) and ``pixel_accuracy``.
+    """
+    if matrix.shape[0] != len(names) or len(set(names)) != len(names):
+        raise ValueError(f"need one unique name per channel: {matrix.shape[0]} channels, names {list(names)}")
+    ious = class_iou(matrix)
+    skip = {0} if ignore_background else set()
+    old_channels = [c for c in old if c not in skip]
+    new_channels = [c for c in new if c not in skip]
+    total = matrix.sum().item()
+    return {
+        "iou": {name: value for channel, (name, value) in enumerate(zip(names, ious)) if channel not in skip},
+        "miou_old": mean_iou(ious, old_channels),
+        "miou_new": mean_iou(ious, new_channels),
+        "miou_all": mean_iou(ious, old_channels + new_channels),
+        "miou_old_no_bg": mean_iou(ious, [c for c in old_channels if c != 0]),
+        "pixel_accuracy": matrix.diag().sum().item() / total if total else None,
+    }
