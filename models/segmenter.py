@@ -126,9 +126,8 @@ class Segmenter(IncrementalSegmenter):
         self.patch_size = tuple(self.encoder.patch_embed.patch_size)
         self.decoder_dim = decoder_dim
         self.mask_norm_eps = mask_norm_eps
-        # the normalisation the encoder's weights were trained with (0.5/0.5 for the augreg ViTs)
-        self.input_mean = tuple(self.encoder.pretrained_cfg.get("mean", (0.485, 0.456, 0.406)))
-        self.input_std = tuple(self.encoder.pretrained_cfg.get("std", (0.229, 0.224, 0.225)))
+        # Inputs are normalised with ImageNet mean/std (datasets/transforms.py) for both architectures, as the
+        # spec and the MBS reference do, although timm's augreg ViT weights were trained with mean/std 0.5.
 
         self.proj_dec = nn.Linear(self.encoder.embed_dim, decoder_dim)
         rates = torch.linspace(0, decoder_drop_path_rate, decoder_layers).tolist()

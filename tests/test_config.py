@@ -5,9 +5,9 @@ from utils.config import ConfigError, config_from_dict, config_to_dict, load_con
 from tests.conftest import ROOT
 
 
-@pytest.mark.parametrize("name", ["demo", "voc", "ade20k"])
-def test_shipped_configs_load(name):
-    cfg = load_config(ROOT / "configs" / f"{name}.yaml")
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    cfg = load_config(path)
     assert config_from_dict(config_to_dict(cfg)) == cfg
 
 

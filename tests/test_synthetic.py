@@ -151,3 +151,27 @@ def test_cli(tmp_path):
     marker = json.loads((tmp_path / "VOCdevkit" / "VOC2012" / MARKER).read_text())
     assert (marker["num_train"], marker["num_val"], marker["image_size"], marker["seed"]) == (20, 20, 32, 5)
     assert len(split_files("voc", tmp_path, "val")) == 20
+
+
+def test_loads_through_the_voc_step_datasets(small_root):
+    """The synthetic folder is read by the very code that reads real VOC: step selection, label
+    rewriting and the joint transforms."""
+    import torch
+
+    from datasets.incremental import train_dataset, val_dataset
+    from datasets.tasks import get_task
+    from datasets.transforms import eval_transforms, train_transforms
+
+    task = get_task("voc", "custom", custom_steps=[list(range(16)), [16, 17, 18, 19, 20]])
+    labels = {i: set(np.unique(lbl).tolist()) for i, lbl in zip(split_files("voc", small_root, "train").ids,
+                                                                  _labels(small_root, "train"))}
+    train = train_dataset(task, 1, str(small_root), disjoint=False, transform=train_transforms(64, 48, (0.75, 1.25)),
+                          progress=False)
+    # exactly the images whose label map holds one of the step's classes
+    assert sorted(train.ids) == sorted(i for i, values in labels.items() if values & set(range(16, 21)))
+    image, label = train[0]
+    assert image.shape == (3, 48, 48) and image.dtype == torch.float32 and label.dtype == torch.int64
+    assert set(label.unique().tolist()) <= {0, 16, 17, 18, 19, 20, 255}  # old classes became background
+    val = val_dataset(task, 0, str(small_root), eval_transforms("center_crop", 64, 64), progress=False)
+    assert len(val) == 20
+    assert set(torch.cat([val[i][1].unique() for i in range(len(val))]).tolist()) <= set(range(16)) | {255}
