@@ -38,27 +38,32 @@ def main(argv=None) -> int:
 
     # Heavy imports after the config is known to be valid, so config errors come back fast.
     from trainer.incremental import IncrementalTrainer
+    from utils.checkpoint import CheckpointError
     from utils.distributed import cleanup, init_distributed
     from utils.logs import setup_logger
 
     ctx = init_distributed(cfg.device, args.local_rank)
-    log = setup_logger(None if args.eval_only else cfg.run_dir, ctx.is_main)
+    failed = True  # every way out, error or not, tears the process group down through cleanup()
     try:
-        trainer = IncrementalTrainer(cfg, ctx, resume=args.resume)
-        if args.eval_only:
-            from utils.report import format_step_table
-            step = trainer.end_step if args.step is None else args.step
-            summary = trainer.evaluate_checkpoint(step)
-            if ctx.is_main:
-                print(format_step_table([summary]))
-        else:
-            trainer.run()
-    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as err:
-        # Expected user errors (bad config, data layout, missing checkpoint): one clear line, no traceback.
-        log.error("%s: %s", type(err).__name__, err)
-        return 2
+        log = setup_logger(None if args.eval_only else cfg.run_dir, ctx.is_main)
+        try:
+            trainer = IncrementalTrainer(cfg, ctx, resume=args.resume)
+            if args.eval_only:
+                from utils.report import format_step_table
+                step = trainer.end_step if args.step is None else args.step
+                summary = trainer.evaluate_checkpoint(step)
+                if ctx.is_main:
+                    print(format_step_table([summary]))
+            else:
+                trainer.run()
+        except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as err:
+            # Expected user errors (bad config, data layout, missing or unreadable checkpoint):
+            # one clear line, no traceback.
+            log.error("%s: %s", type(err).__name__, err)
+            return 2
+        failed = False
     finally:
-        cleanup()
+        cleanup(failed)
     return 0
 
 

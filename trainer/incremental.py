@@ -27,7 +27,7 @@ from datasets.transforms import eval_transforms, train_transforms
 from models import build_model
 from utils import checkpoint as ckpt
 from utils.config import Config, ConfigError, config_to_dict, save_config
-from utils.distributed import DistContext, barrier
+from utils.distributed import DistContext, barrier, run_on_main
 from utils.logs import TensorboardWriter, get_logger
 from utils.metrics import summarize
 from utils.report import format_step_table, write_results
@@ -78,60 +78,77 @@ class IncrementalTrainer:
                               f"(steps 0..{self.task.num_steps - 1})")
         if cfg.train.checkpoint_policy == "best" and cfg.train.val_interval <= 0:
             raise ConfigError("train.checkpoint_policy=best needs train.val_interval > 0 (it selects on validation)")
+        if cfg.train.batch_size % ctx.world_size:
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} is the total batch over all processes and "
+                              f"must be divisible by their number ({ctx.world_size})")
         self.names = class_names(cfg, self.task)
-        self.writer = TensorboardWriter(self.run_dir / "tensorboard", ctx.is_main)
+        # A no-op until run() has checked the run folder: a refused run or --eval-only writes no event file.
+        self.writer = TensorboardWriter(None, False)
 
     # ---------------------------------------------------------------- set-up
     def prepare_run_dir(self) -> None:
-        """Refuse to overwrite finished work unless resuming; save the resolved config."""
+        """Refuse to overwrite finished work unless resuming; save the resolved config.
+
+        Done by rank 0; a refusal is raised on every rank (so they all stop at the same place).
+        """
+        run_on_main(self.ctx, self._prepare_run_dir)
+
+    def _prepare_run_dir(self) -> None:
         done = sorted(self.run_dir.glob("checkpoints/step*.pt"))
-        if done and not self.resume and self.ctx.is_main:
+        if done and not self.resume:
             raise FileExistsError(f"run folder {self.run_dir} already holds checkpoints ({done[0].name}, ...): "
                                   "pass --resume to continue it, or choose another name/output_dir")
-        if self.ctx.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            saved = self.run_dir / "config.yaml"
-            if saved.exists() and self.resume:
-                import yaml
-                before = yaml.safe_load(saved.read_text())
-                if before != config_to_dict(self.cfg):
-                    self.log.warning("the config differs from the one saved in %s; the saved one is kept as "
-                                     "config.previous.yaml", saved)
-                    saved.rename(self.run_dir / "config.previous.yaml")
-            save_config(self.cfg, saved)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        # Temporary files of an atomic write cut short (the process was killed while saving).
+        for stale in [*self.run_dir.glob(".*.tmp"), *self.run_dir.glob("checkpoints/.*.tmp")]:
+            self.log.info("removing %s (left by an interrupted write)", stale)
+            stale.unlink()
+        saved = self.run_dir / "config.yaml"
+        if saved.exists() and self.resume:
+            import yaml
+            before = yaml.safe_load(saved.read_text())
+            if before != config_to_dict(self.cfg):
+                self.log.warning("the config differs from the one saved in %s; the saved one is kept as "
+                                 "config.previous.yaml", saved)
+                saved.rename(self.run_dir / "config.previous.yaml")
+        save_config(self.cfg, saved)
 
     def prepare_data(self) -> None:
-        """Generate the synthetic data and derive the class lists on rank 0 first, so ranks never race."""
+        """Generate the synthetic data and derive the class lists on rank 0 first, so ranks never race;
+        a data error found there is raised on every rank."""
+        run_on_main(self.ctx, self._prepare_data)
+
+    def _prepare_data(self) -> None:
         data = self.cfg.data
-        if self.ctx.is_main:
-            if data.synthetic.enabled:
-                from datasets.synthetic import ensure_synthetic
-                s = data.synthetic
-                ensure_synthetic(data.root, num_train=s.num_train, num_val=s.num_val, image_size=s.image_size,
-                                 seed=s.seed)
-            load_class_lists(data.dataset, data.root, "train", data.class_lists, data.cache_dir)
-            if self.cfg.train.checkpoint_policy == "best":
-                load_class_lists(data.dataset, data.root, "val", None, data.cache_dir)
-        barrier()
+        if data.synthetic.enabled:
+            from datasets.synthetic import ensure_synthetic
+            s = data.synthetic
+            ensure_synthetic(data.root, num_train=s.num_train, num_val=s.num_val, image_size=s.image_size,
+                             seed=s.seed)
+        load_class_lists(data.dataset, data.root, "train", data.class_lists, data.cache_dir)
+        if self.cfg.train.val_interval > 0:  # selection_loader reads the val lists on every rank
+            load_class_lists(data.dataset, data.root, "val", None, data.cache_dir)
 
     # ----------------------------------------------------------------- steps
     def run(self) -> list[dict]:
         self.prepare_run_dir()
-        barrier()
         self.prepare_data()
-        self.log.info("task %s:%s (%s), %d steps, method %s, checkpoint policy %s, eval %s",
-                      self.cfg.data.dataset, self.task.name, self.cfg.data.setting, self.task.num_steps,
-                      self.switches.describe(), self.cfg.train.checkpoint_policy, self.cfg.data.eval_mode)
-        results = self.previous_results()
-        for step in range(self.cfg.start_step, self.end_step + 1):
-            metrics = self.run_step(step)
-            results = [r for r in results if r["step"] != step] + [metrics]
-            results.sort(key=lambda r: r["step"])
+        self.writer = TensorboardWriter(self.run_dir / "tensorboard", self.ctx.is_main)
+        try:
+            self.log.info("task %s:%s (%s), %d steps, method %s, checkpoint policy %s, eval %s",
+                          self.cfg.data.dataset, self.task.name, self.cfg.data.setting, self.task.num_steps,
+                          self.switches.describe(), self.cfg.train.checkpoint_policy, self.cfg.data.eval_mode)
+            results = self.previous_results()
+            for step in range(self.cfg.start_step, self.end_step + 1):
+                metrics = self.run_step(step)
+                results = [r for r in results if r["step"] != step] + [metrics]
+                results.sort(key=lambda r: r["step"])
+                if self.ctx.is_main:
+                    write_results(self.run_dir, results, self.meta())
             if self.ctx.is_main:
-                write_results(self.run_dir, results, self.meta())
-        if self.ctx.is_main:
-            self.log.info("results (%s):\n%s", self.run_dir / "results.md", format_step_table(results))
-        self.writer.close()
+                self.log.info("results (%s):\n%s", self.run_dir / "results.md", format_step_table(results))
+        finally:  # flush what was logged, also when a step fails
+            self.writer.close()
         return results
 
     def meta(self) -> dict:
@@ -186,8 +203,15 @@ class IncrementalTrainer:
 
     def run_step(self, step: int) -> dict:
         final_path = ckpt.step_checkpoint(self.run_dir, step)
+        partial = ckpt.partial_checkpoint(self.run_dir, step)
         if final_path.exists():
             self.log.info("step %d is finished (%s): not retraining it", step, final_path)
+            if self.ctx.is_main:
+                # Left when a run was killed between writing the step's checkpoint and removing these.
+                for leftover in (partial, ckpt.best_checkpoint(self.run_dir, step)):
+                    if leftover.exists():
+                        self.log.info("removing %s (the step is finished)", leftover)
+                        ckpt.remove_if_exists(leftover)
             return ckpt.load(final_path)["metrics"]
         cfg, ctx, t = self.cfg, self.ctx, self.cfg.train
         tag = f"step{step}"
@@ -216,7 +240,6 @@ class IncrementalTrainer:
         scaler = torch.amp.GradScaler("cuda") if ctx.device.type == "cuda" and t.amp == "fp16" else None
 
         state = TrainState()
-        partial = ckpt.partial_checkpoint(self.run_dir, step)
         if partial.exists() and self.resume:
             saved = ckpt.load(partial, ctx.device)
             model.load_state_dict(saved["model"])
@@ -234,8 +257,9 @@ class IncrementalTrainer:
                 train_model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
             train_model = DistributedDataParallel(train_model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
         self.log.info("step %d: %d classes (%d new), %d training images, %d epochs x %d iterations (%d total), "
-                      "batch %d", step, method.num_classes, method.num_classes - num_old, len(train_set), epochs,
-                      per_epoch, total, t.batch_size)
+                      "batch %d (%d per process x %d processes)", step, method.num_classes,
+                      method.num_classes - num_old, len(train_set), epochs, per_epoch, total, t.batch_size,
+                      t.batch_size // ctx.world_size, ctx.world_size)
 
         def save_partial(current: TrainState) -> None:
             if ctx.is_main:
@@ -342,14 +366,17 @@ class IncrementalTrainer:
 
     def evaluate_checkpoint(self, step: int) -> dict:
         """--eval-only: test the finished checkpoint of ``step``."""
+        if not 0 <= step < self.task.num_steps:
+            raise ConfigError(f"--step {step} is outside task {self.task.name} (steps 0..{self.task.num_steps - 1})")
         path = ckpt.step_checkpoint(self.run_dir, step)
+        if not path.is_file():
+            raise FileNotFoundError(f"step {step} has no finished checkpoint: {path} does not exist "
+                                    f"(is {self.run_dir} the run folder, and has it finished step {step}?)")
         saved = ckpt.load(path, "cpu")
         model = self.model_for_step(step)
         ckpt.load_model_weights(model, saved["model"], str(path))
         model.to(self.ctx.device)
-        if self.ctx.is_main:
-            self.prepare_data_for_eval()
-        barrier()
+        run_on_main(self.ctx, self.prepare_data_for_eval)
         return self.test(model, step)
 
     def prepare_data_for_eval(self) -> None:

@@ -7,8 +7,10 @@ which main.py accepts and forwards here. GPUs use NCCL, CPUs gloo.
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
-from typing import Optional
+from datetime import timedelta
+from typing import Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -54,11 +56,25 @@ def barrier() -> None:
         dist.barrier()
 
 
-def cleanup() -> None:
-    """Tear the group down; the barrier first keeps gloo from aborting at exit
-    ("terminate called without an active exception") when the last collective is still in flight."""
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+def cleanup(failed: bool = False, timeout_s: float = 30.0) -> None:
+    """Tear the group down; every exit of main.py, error or not, comes through here.
+
+    The barrier first keeps gloo from aborting at exit ("terminate called without an
+    active exception") when the last collective is still in flight. On an error path
+    the other ranks may not reach a barrier (an error raised on one rank only), so it
+    is a gloo ``monitored_barrier`` that gives up after ``timeout_s`` instead of
+    hanging; with NCCL (no monitored barrier) an error path skips the barrier.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        if not failed:
+            dist.barrier()
+        elif dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=timedelta(seconds=timeout_s))
+    except Exception:  # a peer is gone or stuck: nothing left to synchronise with
+        pass
+    finally:
         dist.destroy_process_group()
 
 
@@ -77,3 +93,33 @@ def broadcast_object(obj):
         dist.broadcast_object_list(holder, src=0)
         return holder[0]
     return obj
+
+
+T = TypeVar("T")
+
+
+def run_on_main(ctx: DistContext, fn: Callable[[], T]) -> Optional[T]:
+    """Run ``fn`` on rank 0 only (file-system work other ranks must not race on) and
+    make every rank share its outcome: the others wait for it, and an exception raised
+    on rank 0 is raised on every rank (same type and message), so all ranks leave
+    through the same error path instead of some waiting forever in the next collective.
+    Returns ``fn``'s result on rank 0, None elsewhere.
+    """
+    if not ctx.distributed:
+        return fn()
+    result, error, shared = None, None, None
+    if ctx.is_main:
+        try:
+            result = fn()
+        except Exception as err:  # noqa: BLE001 - re-raised below, on every rank
+            error = err
+            try:
+                shared = pickle.loads(pickle.dumps(err))
+            except Exception:  # an exception that does not pickle: keep its text
+                shared = RuntimeError(f"{type(err).__name__}: {err}")
+    shared = broadcast_object(shared)
+    if error is not None:
+        raise error
+    if shared is not None:
+        raise shared
+    return result

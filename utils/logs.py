@@ -14,13 +14,21 @@ LOGGER_NAME = "mbs"
 
 def setup_logger(run_dir: Optional[Path], is_main: bool) -> logging.Logger:
     logger = logging.getLogger(LOGGER_NAME)
+    for handler in logger.handlers:  # e.g. the log file of an earlier run in this process
+        handler.close()
     logger.handlers.clear()
     logger.propagate = False
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    # Progress goes to stdout, warnings and errors to stderr (where a caller looks for them).
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(formatter)
+    console.addFilter(lambda record: record.levelno < logging.WARNING)
     logger.addHandler(console)
+    errors = logging.StreamHandler(sys.stderr)
+    errors.setFormatter(formatter)
+    errors.setLevel(logging.WARNING)
+    logger.addHandler(errors)
     if is_main and run_dir is not None:
         Path(run_dir).mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(Path(run_dir) / "log.txt")

@@ -1,0 +1,462 @@
+"""End-to-end tests of the incremental trainer, run through ``main.py`` as a user would.
+
+Every run uses a tiny synthetic dataset (60 train / 20 val images of 32 px, generated
+once per session), a ResNet-18 DeepLab with a 16-channel head and a few iterations per
+step, so the whole file stays around a minute on two CPU cores. Subprocesses run with
+one intra-op thread: on a shared two-core machine, two spinning OpenMP threads per
+process make a training iteration many times slower, not faster.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+NUM_TRAIN, NUM_VAL, IMAGE_SIZE = 60, 20, 32
+STEPS_3 = [list(range(15)), [15, 16, 17], [18, 19, 20]]
+RUN_TIMEOUT = 420  # seconds; a hung run (e.g. a collective waiting forever) fails instead of blocking the suite
+
+
+# ------------------------------------------------------------------ helpers
+def subprocess_env() -> dict:
+    env = dict(os.environ)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # never inherit a launcher's
+        env.pop(key, None)
+    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+    return env
+
+
+def run_options(data_root: Path, output_dir: Path, name: str, steps=STEPS_3, **train) -> list[str]:
+    """--opt overrides of configs/demo.yaml for a tiny CPU run; everything the assertions rely on
+    is set here, so an edit of the demo config does not change what these tests check."""
+    options = [
+        f"name={name}", f"output_dir={output_dir}", "device=cpu", "seed=0",
+        f"data.root={data_root}", "data.synthetic.enabled=true", f"data.synthetic.num_train={NUM_TRAIN}",
+        f"data.synthetic.num_val={NUM_VAL}", f"data.synthetic.image_size={IMAGE_SIZE}", "data.synthetic.seed=0",
+        f"data.base_size={IMAGE_SIZE}", f"data.crop_size={IMAGE_SIZE}", "data.eval_mode=center_crop",
+        f"data.custom_steps={json.dumps(steps)}", "data.setting=overlapped", "data.num_workers=0",
+        "model.architecture=deeplabv3", "model.backbone=resnet18", "model.pretrained=none", "model.output_stride=16",
+        "model.head_channels=16", "method.name=mbs",
+        "train.batch_size=4", "train.val_batch_size=10", "train.log_interval=1", "train.val_interval=0",
+        "train.checkpoint_policy=last",
+    ]
+    # one epoch per step: 13 / 4 / 4 iterations for the default steps, capped at 3
+    train = {"max_iters_per_step": 3, "epochs": 1, "epochs_incremental": 1, "checkpoint_interval": 100, **train}
+    options += [f"train.{key}={value}" for key, value in train.items()]
+    return options
+
+
+def main_command(options: list[str], *flags: str) -> list[str]:
+    return [sys.executable, "main.py", "--config", "configs/demo.yaml", *flags, "--opt", *options]
+
+
+def run(command: list[str], timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def run_in_process(argv: list[str], capsys) -> subprocess.CompletedProcess:
+    """``main.main(argv)`` in this process (its return value is the exit code ``sys.exit`` gets), with the
+    output captured: the user-error paths without paying a fresh torch import per test."""
+    import logging
+
+    import main as main_module
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    capsys.readouterr()
+    try:
+        code = main_module.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+        logger = logging.getLogger("mbs")
+        for handler in logger.handlers:  # the run's log file stays open otherwise
+            handler.close()
+        logger.handlers.clear()
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(argv, code, captured.out, captured.err)
+
+
+def main_argv(options: list[str], *flags: str) -> list[str]:
+    return ["--config", str(ROOT / "configs" / "demo.yaml"), *flags, "--opt", *options]
+
+
+def describe(result: subprocess.CompletedProcess) -> str:
+    return (f"exit code {result.returncode}\n--- stdout (tail) ---\n{result.stdout[-3000:]}\n"
+            f"--- stderr (tail) ---\n{result.stderr[-3000:]}")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def file_set(run_dir: Path) -> set[str]:
+    """Every file of a run folder (hidden ones too), event files by pattern (their names hold time and pid)."""
+    names = set()
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            relative = path.relative_to(run_dir).as_posix()
+            if relative.startswith("tensorboard/events.out.tfevents."):
+                relative = "tensorboard/events.out.tfevents.*"
+            names.add(relative)
+    return names
+
+
+def event_files(run_dir: Path) -> set[Path]:
+    return set((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def scalars(event_file: Path) -> dict[str, list[int]]:
+    """tag -> the steps at which it was logged, read with tensorboard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    accumulator = EventAccumulator(str(event_file), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {tag: [event.step for event in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+def error_lines(result: subprocess.CompletedProcess) -> list[str]:
+    return [line for line in result.stderr.splitlines() if " ERROR " in line or line.startswith("config error")]
+
+
+def assert_clean_user_error(result: subprocess.CompletedProcess) -> str:
+    """Exit code 2, no traceback, exactly one error line; returns that line."""
+    assert result.returncode == 2, describe(result)
+    assert "Traceback" not in result.stdout + result.stderr, describe(result)
+    lines = error_lines(result)
+    assert len(lines) == 1, describe(result)
+    return lines[0]
+
+
+# ------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """The tiny synthetic dataset, generated once and read by every run of this file."""
+    from datasets.synthetic import generate
+    root = tmp_path_factory.mktemp("synthetic")
+    generate(root, num_train=NUM_TRAIN, num_val=NUM_VAL, image_size=IMAGE_SIZE, seed=0, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def runs_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="session")
+def finished_run(data_root, runs_dir):
+    """An uninterrupted 3-step run (15 + 3 + 3 classes, 3 iterations per step)."""
+    options = run_options(data_root, runs_dir, "e2e")
+    result = run(main_command(options))
+    assert result.returncode == 0, describe(result)
+    return runs_dir / "e2e", options, result
+
+
+# ------------------------------------------------------------------ 1. end to end
+def test_three_step_run_writes_every_output(finished_run, data_root):
+    from datasets.synthetic import CLASS_NAMES
+    run_dir, _, result = finished_run
+    assert "Traceback" not in result.stderr
+
+    # exactly the finished steps' checkpoints: no in-step, best-of-step or temporary file left behind
+    checkpoints = run_dir / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step0.pt", "step1.pt", "step2.pt"]
+    previous_backbone = None
+    for step in range(3):
+        saved = torch.load(checkpoints / f"step{step}.pt", map_location="cpu", weights_only=False)
+        assert {"model", "optimizer", "config", "metrics"} <= saved.keys()
+        assert saved["step"] == step and saved["metrics"]["step"] == step
+        assert saved["config"]["data"]["root"] == str(data_root)
+        assert saved["config"]["data"]["custom_steps"] == STEPS_3
+        assert saved["optimizer"]["state"], "the optimiser never stepped"
+        # the model grows by one classifier per step, sized like the step's classes
+        model = saved["model"]
+        for j in range(step + 1):
+            assert model[f"classifiers.{j}.weight"].shape[:2] == (len(STEPS_3[j]), 16)
+        assert f"classifiers.{step + 1}.weight" not in model
+        # every step trained: the backbone moved away from the previous step's
+        backbone = model["backbone.stem.0.weight"]
+        if previous_backbone is not None:
+            assert not torch.equal(backbone, previous_backbone)
+        previous_backbone = backbone
+
+    # results: three steps with the three means, a protocol section, and the markdown table
+    results = json.loads((run_dir / "results.json").read_text())
+    assert {"task", "method", "checkpoint_policy", "eval_mode", "processes"} <= results["meta"].keys()
+    assert results["meta"]["checkpoint_policy"] == "last" and results["meta"]["processes"] == 1
+    assert results["meta"]["method"].startswith("mbs")
+    steps = results["steps"]
+    assert [s["step"] for s in steps] == [0, 1, 2]
+    for s in steps:
+        assert {"miou_old", "miou_new", "miou_all"} <= s.keys()
+        assert s["iterations"] == 3
+        assert 0.0 <= s["miou_all"] <= 1.0 and 0.0 <= s["miou_old"] <= 1.0
+        assert len(s["iou"]) == sum(len(c) for c in STEPS_3[: s["step"] + 1])
+        assert s["step_classes"] == [CLASS_NAMES[c] for c in STEPS_3[s["step"]]]
+    assert steps[0]["miou_new"] is None  # nothing is new at step 0
+    assert all(0.0 <= s["miou_new"] <= 1.0 for s in steps[1:])
+    for step in range(3):  # results.json and the checkpoints agree
+        saved = torch.load(checkpoints / f"step{step}.pt", map_location="cpu", weights_only=False)
+        assert saved["metrics"]["miou_all"] == steps[step]["miou_all"]
+    table = (run_dir / "results.md").read_text()
+    assert "| step |" in table
+    for step in range(3):
+        assert f"\n| {step} | " in table
+
+    # the resolved config, the log and tensorboard
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["name"] == "e2e" and config["data"]["custom_steps"] == STEPS_3
+    assert config["train"]["max_iters_per_step"] == 3
+    log = (run_dir / "log.txt").read_text()
+    for step in range(3):
+        assert f"step {step}: trained 3 iterations" in log and f"step {step} test: mIoU" in log
+    events = event_files(run_dir)
+    assert len(events) == 1
+    tags = scalars(next(iter(events)))
+    for step in range(3):
+        assert tags[f"step{step}/loss/total"] == [1, 2, 3]
+    assert tags["test/miou_all"] == [0, 1, 2]
+    # MBS distils from the old model from step 1 on, never at step 0
+    assert "step0/loss/output_distill" not in tags
+    assert "step1/loss/output_distill" in tags and "step2/loss/feature_distill" in tags
+
+    assert file_set(run_dir) == {"config.yaml", "log.txt", "results.json", "results.md", "checkpoints/step0.pt",
+                                 "checkpoints/step1.pt", "checkpoints/step2.pt", "tensorboard/events.out.tfevents.*"}
+
+
+# ------------------------------------------------------------------ 2. resume after a kill
+def test_killed_run_resumes_without_retraining(data_root, runs_dir, finished_run):
+    # Steps 0 and 1 train on the few images showing class 1 / class 2 (1-2 iterations),
+    # step 2 on almost all of them (capped at 8 iterations, an in-step checkpoint every 2).
+    steps = [[0, 1], [2], list(range(3, 21))]
+    total = 8
+    options = run_options(data_root, runs_dir, "resume", steps=steps, epochs=1, epochs_incremental=1,
+                          max_iters_per_step=total, checkpoint_interval=2)
+    run_dir = runs_dir / "resume"
+    checkpoints = run_dir / "checkpoints"
+    partial = checkpoints / "step2_partial.pt"
+
+    first_log = run_dir.parent / "resume_first_session.txt"
+    with open(first_log, "w") as output:
+        process = subprocess.Popen(main_command(options), cwd=ROOT, env=subprocess_env(), stdout=output,
+                                   stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + RUN_TIMEOUT
+            while not partial.exists():
+                if process.poll() is not None:
+                    pytest.fail(f"the run ended (exit code {process.returncode}) before step 2 wrote {partial}:\n"
+                                f"{first_log.read_text()[-3000:]}")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"no {partial} after {RUN_TIMEOUT} s")
+                time.sleep(0.02)
+            process.send_signal(signal.SIGKILL)
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+    if (checkpoints / "step2.pt").exists():
+        pytest.fail("precondition: the run was to be killed inside step 2, but step2.pt exists already "
+                    "(step 2 finished before the kill; give it more iterations)")
+    killed_at = torch.load(partial, map_location="cpu", weights_only=False)["state"]["iteration"]
+    if not 0 < killed_at < total:
+        pytest.fail(f"precondition: the in-step checkpoint should be from inside step 2, it is at {killed_at}")
+    hashes = {name: sha256(checkpoints / name) for name in ("step0.pt", "step1.pt")}
+    events_before = event_files(run_dir)
+    # what a kill can leave besides: a temporary file of a write cut short, and an in-step
+    # checkpoint of a step that was finished (killed between writing step0.pt and removing it)
+    (checkpoints / ".step2_partial.pt.999999.tmp").write_bytes(b"half a checkpoint")
+    (checkpoints / "step0_partial.pt").write_bytes(b"stale")
+
+    result = run(main_command(options, "--resume"))
+    assert result.returncode == 0, describe(result)
+    out = result.stdout
+    for step in (0, 1):
+        assert f"step {step} is finished" in out and "not retraining" in out, describe(result)
+        assert f"step {step}: trained" not in out
+        assert sha256(checkpoints / f"step{step}.pt") == hashes[f"step{step}.pt"], f"step{step}.pt was rewritten"
+    assert f"step 2: resuming from {partial} (epoch 1, iteration {killed_at})" in out, describe(result)
+    assert f"step 2: trained {total} iterations" in out
+
+    # the resumed session trained exactly the iterations left, starting after the saved one
+    new_events = event_files(run_dir) - events_before
+    assert len(new_events) == 1
+    tags = scalars(next(iter(new_events)))
+    assert tags["step2/loss/total"] == list(range(killed_at + 1, total + 1))
+    assert not any(tag.startswith(("step0/", "step1/")) for tag in tags)
+
+    results = json.loads((run_dir / "results.json").read_text())
+    assert [s["step"] for s in results["steps"]] == [0, 1, 2]
+    assert results["steps"][2]["iterations"] == total
+    assert (run_dir / "results.md").is_file()
+    # the same files as an uninterrupted run: no in-step, stale or temporary file left behind
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step0.pt", "step1.pt", "step2.pt"]
+    assert file_set(run_dir) == file_set(finished_run[0])
+
+
+# ------------------------------------------------------------------ 3. distributed (gloo, 2 processes)
+def torchrun_command(options: list[str]) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "main.py",
+            "--config", "configs/demo.yaml", "--opt", *options]
+
+
+def test_two_process_run(data_root, runs_dir):
+    steps = [list(range(15)), list(range(15, 21))]
+    options = run_options(data_root, runs_dir, "dist", steps=steps, max_iters_per_step=2)
+    result = run(torchrun_command(options))
+    assert result.returncode == 0, describe(result)
+    assert "terminate called" not in result.stderr, describe(result)
+    run_dir = runs_dir / "dist"
+    results = json.loads((run_dir / "results.json").read_text())
+    assert [s["step"] for s in results["steps"]] == [0, 1]
+    assert results["meta"]["processes"] == 2
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step0.pt", "step1.pt"]
+    log = (run_dir / "log.txt").read_text()
+    assert log.count("batch 4 (2 per process x 2 processes)") == 2
+    assert len(event_files(run_dir)) == 1  # only rank 0 writes tensorboard
+
+
+def test_train_batch_is_split_over_ranks():
+    from torch.utils.data import TensorDataset
+
+    from trainer.loaders import train_loader
+    from utils.distributed import DistContext
+
+    dataset = TensorDataset(torch.arange(10))
+
+    def batches(rank: int, world_size: int, global_batch: int = 4) -> list[list[int]]:
+        ctx = DistContext(rank=rank, world_size=world_size)
+        return [b[0].tolist() for b in train_loader(dataset, global_batch, ctx, seed=3, epoch=1, num_workers=0)]
+
+    single, rank0, rank1 = batches(0, 1), batches(0, 2), batches(1, 2)
+    assert len(single) == len(rank0) == len(rank1) == 10 // 4
+    for whole, first, second in zip(single, rank0, rank1):
+        assert len(first) == len(second) == 2
+        assert not set(first) & set(second)
+        assert sorted(first + second) == sorted(whole)  # the two halves of the same global batch
+    with pytest.raises(ValueError, match="batch_size=5 is not divisible"):
+        train_loader(dataset, 5, DistContext(rank=0, world_size=2), seed=3, epoch=1, num_workers=0)
+
+
+def test_trainer_refuses_indivisible_batch_before_any_work(tmp_path):
+    """Checked when the trainer is built, identically on every rank (so all stop with the same
+    one-line error and leave through cleanup together), before any file is written."""
+    from trainer.incremental import IncrementalTrainer
+    from utils.config import ConfigError, load_config
+    from utils.distributed import DistContext
+    cfg = load_config(ROOT / "configs/demo.yaml", [f"output_dir={tmp_path}", "train.batch_size=5"])
+    with pytest.raises(ConfigError, match=r"train.batch_size=5 .*divisible by their number \(2\)"):
+        IncrementalTrainer(cfg, DistContext(rank=1, world_size=2))
+    assert not any(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------ 4. eval-only and user errors
+# The error paths run main.main() in-process (see run_in_process); bad keys go through a real
+# subprocess (cheap: main.py reports them before importing torch) to show the exit code and output.
+def test_eval_only_prints_the_step_table(finished_run, capsys):
+    run_dir, options, _ = finished_run
+    hashes = {p.name: sha256(p) for p in (run_dir / "checkpoints").iterdir()}
+    events = event_files(run_dir)
+    result = run_in_process(main_argv(options, "--eval-only", "--step", "1"), capsys)
+    assert result.returncode == 0, describe(result)
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("| step |") for line in lines), describe(result)
+    rows = [line for line in lines if line.startswith("| 1 | ")]
+    assert len(rows) == 1, describe(result)
+    # the same checkpoint on the same images: the numbers the run reported for step 1
+    step1 = json.loads((run_dir / "results.json").read_text())["steps"][1]
+    cells = [cell.strip() for cell in rows[0].strip("|").split("|")]
+    assert cells[2:5] == [f"{100 * step1[k]:.2f}" for k in ("miou_old", "miou_new", "miou_all")]
+    # evaluation leaves the run folder alone
+    assert {p.name: sha256(p) for p in (run_dir / "checkpoints").iterdir()} == hashes
+    assert event_files(run_dir) == events
+
+
+def test_eval_only_without_checkpoints_names_the_missing_file(data_root, runs_dir, capsys):
+    options = run_options(data_root, runs_dir, "never_trained")
+    result = run_in_process(main_argv(options, "--eval-only"), capsys)
+    line = assert_clean_user_error(result)
+    assert str(runs_dir / "never_trained" / "checkpoints" / "step2.pt") in line  # default: the last step
+    assert not (runs_dir / "never_trained").exists()  # eval-only creates nothing
+
+
+def test_second_start_without_resume_is_refused(finished_run, capsys):
+    run_dir, options, _ = finished_run
+    hashes = {p.name: sha256(p) for p in (run_dir / "checkpoints").iterdir()}
+    events = event_files(run_dir)
+    results = (run_dir / "results.json").read_text()
+    result = run_in_process(main_argv(options), capsys)
+    line = assert_clean_user_error(result)
+    assert "already holds checkpoints" in line and "--resume" in line
+    assert {p.name: sha256(p) for p in (run_dir / "checkpoints").iterdir()} == hashes
+    assert event_files(run_dir) == events and (run_dir / "results.json").read_text() == results
+
+
+def test_bad_override_key_is_named(data_root, runs_dir):
+    result = run(main_command(run_options(data_root, runs_dir, "bad_key") + ["train.learning_rate=0.1"]))
+    line = assert_clean_user_error(result)
+    assert "train.learning_rate" in line
+    assert not (runs_dir / "bad_key").exists()
+
+
+def test_wrong_data_layout_names_the_expected_folder(runs_dir, tmp_path, capsys):
+    empty = tmp_path / "empty_root"
+    empty.mkdir()
+    options = run_options(empty, runs_dir, "bad_layout") + ["data.synthetic.enabled=false"]
+    result = run_in_process(main_argv(options), capsys)
+    line = assert_clean_user_error(result)
+    assert str(empty / "VOCdevkit" / "VOC2012" / "JPEGImages") in line
+    assert not any(empty.iterdir())  # nothing generated or cached in a root that is not synthetic
+
+
+# ------------------------------------------------------------------ 5. weight transfer is the method's choice
+def _method(name: str, *overrides: str):
+    from trainer.methods import build_method
+    from utils.config import load_config
+    cfg = load_config(None, [f"method.name={name}", *overrides])
+    return build_method(cfg.method, num_old=15, num_classes=18)
+
+
+@pytest.mark.parametrize("name,overrides,transfers", [
+    ("mbs", (), True),
+    ("baseline", (), True),
+    ("finetune", (), False),
+    ("mbs", ("method.weight_transfer=false",), False),
+])
+def test_only_methods_with_weight_transfer_copy_background(name, overrides, transfers):
+    from models.deeplab import DeepLabV3
+    torch.manual_seed(0)
+    model = DeepLabV3([15, 3], "resnet18", "none", 16, head_channels=16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    background_weight, background_bias = model.classifiers[0].weight[0].clone(), model.classifiers[0].bias[0].clone()
+    assert not torch.equal(model.classifiers[1].weight[0], background_weight)  # not equal by chance
+
+    _method(name, *overrides).prepare_model(model)
+
+    new_weight, new_bias = model.classifiers[1].weight, model.classifiers[1].bias
+    if transfers:
+        for k in range(3):
+            assert torch.equal(new_weight[k], background_weight) and new_bias[k] == background_bias
+    else:
+        assert torch.equal(new_weight, before["classifiers.1.weight"])
+        assert torch.equal(new_bias, before["classifiers.1.bias"])
+    # nothing else changes, either way
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items() if not k.startswith("classifiers.1."))
+
+
+def test_step_zero_never_transfers():
+    from models.deeplab import DeepLabV3
+    from trainer.methods import build_method
+    from utils.config import load_config
+    model = DeepLabV3([15], "resnet18", "none", 16, head_channels=16)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    method = build_method(load_config(None, ["method.name=mbs"]).method, num_old=0, num_classes=15)
+    method.prepare_model(model)  # a one-classifier model would raise if it tried
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
