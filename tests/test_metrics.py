@@ -94,5 +94,8 @@ def test_results_files_and_comparison(tmp_path, capsys):
     out = tmp_path / "summary.md"
     assert report_main([str(tmp_path / "r1"), str(tmp_path / "missing"), "--out", str(out)]) == 0
     assert "r1" in out.read_text() and "missing" in out.read_text()
+    plot = tmp_path / "new_folder" / "plot.png"
+    assert report_main([str(tmp_path / "r1"), "--plot", str(plot)]) == 0
+    assert plot.read_bytes()[:4] == b"\x89PNG"
     assert report_main([str(tmp_path / "missing")]) == 2
     assert "results.json does not exist" in capsys.readouterr().err

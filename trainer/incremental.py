@@ -120,11 +120,7 @@ class IncrementalTrainer:
 
     def _prepare_data(self) -> None:
         data = self.cfg.data
-        if data.synthetic.enabled:
-            from datasets.synthetic import ensure_synthetic
-            s = data.synthetic
-            ensure_synthetic(data.root, num_train=s.num_train, num_val=s.num_val, image_size=s.image_size,
-                             seed=s.seed)
+        self.ensure_synthetic_data()
         load_class_lists(data.dataset, data.root, "train", data.class_lists, data.cache_dir)
         if self.cfg.train.val_interval > 0:  # selection_loader reads the val lists on every rank
             load_class_lists(data.dataset, data.root, "val", None, data.cache_dir)
@@ -255,7 +251,8 @@ class IncrementalTrainer:
         if ctx.distributed:
             if ctx.device.type == "cuda":
                 train_model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            train_model = DistributedDataParallel(train_model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+            device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+            train_model = DistributedDataParallel(train_model, device_ids=device_ids)
         self.log.info("step %d: %d classes (%d new), %d training images, %d epochs x %d iterations (%d total), "
                       "batch %d (%d per process x %d processes)", step, method.num_classes,
                       method.num_classes - num_old, len(train_set), epochs, per_epoch, total, t.batch_size,
@@ -376,10 +373,11 @@ class IncrementalTrainer:
         model = self.model_for_step(step)
         ckpt.load_model_weights(model, saved["model"], str(path))
         model.to(self.ctx.device)
-        run_on_main(self.ctx, self.prepare_data_for_eval)
+        run_on_main(self.ctx, self.ensure_synthetic_data)
         return self.test(model, step)
 
-    def prepare_data_for_eval(self) -> None:
+    def ensure_synthetic_data(self) -> None:
+        """Generate the built-in synthetic dataset at data.root if the config asks for it and it is absent."""
         if self.cfg.data.synthetic.enabled:
             from datasets.synthetic import ensure_synthetic
             s = self.cfg.data.synthetic

@@ -115,6 +115,7 @@ def plot_runs(runs: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
     for ax, (key, label) in zip(axes, MEAN_COLUMNS[:3]):
@@ -124,6 +125,7 @@ def plot_runs(runs: list[dict], path: Path) -> None:
                 ax.plot(*zip(*points), marker="o", label=run["meta"].get("name", "?"))
         ax.set_title(f"mIoU {label}")
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("mIoU (%)")
     axes[-1].legend(fontsize=8, loc="best")
@@ -152,8 +154,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     table = comparison_table(runs) + "\n"
     if missing:
         table += "\nMissing: " + "; ".join(missing) + "\n"
+    for path in (args.out, args.plot):
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(table)
     else:
         print(table, end="")
