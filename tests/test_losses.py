@@ -197,15 +197,16 @@ def test_orthogonal_no_new_class_is_zero():
     assert loss.item() == 0.0 and loss.requires_grad
 
 
-def test_bf16_autocast_matches_fp32():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_autocast_matches_fp32(dtype):
     torch.manual_seed(2)
     num_old, num_classes = 3, 5
-    old = (torch.randn(2, num_old, 6, 6) * 3).bfloat16()
-    new = (torch.randn(2, num_classes, 6, 6) * 3).bfloat16()
+    old = (torch.randn(2, num_old, 6, 6) * 3).to(dtype)
+    new = (torch.randn(2, num_classes, 6, 6) * 3).to(dtype)
     labels = torch.randint(0, num_classes, (2, 6, 6))
     labels[:, 0] = 255
-    feat_new, feat_old = torch.randn(2, 4, 6, 6).bfloat16(), torch.randn(2, 4, 6, 6).bfloat16()
-    vectors = torch.randn(2, num_classes, 16).bfloat16()
+    feat_new, feat_old = torch.randn(2, 4, 6, 6).to(dtype), torch.randn(2, 4, 6, 6).to(dtype)
+    vectors = torch.randn(2, num_classes, 16).to(dtype)
 
     def compute(old, new, feat_new, feat_old, vectors):
         selective = L.selective_pseudo_labels(torch.zeros_like(labels), old)
@@ -218,10 +219,10 @@ def test_bf16_autocast_matches_fp32():
             L.orthogonal_loss(vectors, num_old),
         ])
 
-    # Reference: the same (bf16-rounded) values in float32, no autocast.
+    # Reference: the same (half-precision-rounded) values in float32, no autocast.
     ref_labels, ref_weight, ref = compute(old.float(), new.float(), feat_new.float(), feat_old.float(),
                                           vectors.float())
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=dtype):
         got_labels, got_weight, got = compute(old, new, feat_new, feat_old, vectors)
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
     assert got_weight.dtype == torch.float32
