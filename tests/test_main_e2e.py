@@ -460,3 +460,20 @@ def test_step_zero_never_transfers():
     method = build_method(load_config(None, ["method.name=mbs"]).method, num_old=0, num_classes=15)
     method.prepare_model(model)  # a one-classifier model would raise if it tried
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_ade_class_names_read_from_object_info_and_made_unique(tmp_path):
+    from datasets.tasks import get_task
+    from trainer.incremental import class_names
+    from utils.config import load_config
+
+    base = tmp_path / "ADEChallengeData2016"
+    base.mkdir()
+    rows = ["Idx\tRatio\tTrain\tVal\tName"]
+    rows += [f"{k}\t0.01\t10\t1\t{'plant;flora' if k in (17, 66) else f'name{k};alias'}" for k in range(1, 151)]
+    (base / "objectInfo150.txt").write_text("\n".join(rows) + "\n")
+    cfg = load_config(None, ["data.dataset=ade", f"data.root={tmp_path}", "data.task=100-50"])
+    names = class_names(cfg, get_task("ade", "100-50"))
+    assert len(names) == 151 and len(set(names)) == 151
+    assert names[0] == "other" and names[1] == "name1" and names[150] == "name150"
+    assert names[17] == "plant_17" and names[66] == "plant_66"  # a repeated short name gets its class id

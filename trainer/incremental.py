@@ -62,6 +62,9 @@ def class_names(cfg: Config, task: Task) -> list[str]:
                 parts = line.split("\t")
                 if len(parts) >= 5 and parts[0].strip().isdigit():
                     names[int(parts[0])] = parts[4].split(";")[0].strip()
+    # Results are keyed by class name: a name that repeats (ADE's short names could) gets its class id.
+    repeated = {n for n in names if names.count(n) > 1}
+    names = [f"{n}_{k}" if n in repeated else n for k, n in enumerate(names)]
     return [names[c] for c in task.order]
 
 
