@@ -66,3 +66,18 @@ def test_method_presets_and_switches():
     assert not fine.uses_old_model and not fine.ortho
     ablation = resolve_switches(load_config(None, ["method.name=mbs", "method.ortho=false"]).method)
     assert not ablation.ortho and ablation.afd
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.architecture=segmenter"], "not a timm ViT"),                       # demo.yaml's resnet18
+    (["model.backbone=vit_base_patch16_384"], "not a DeepLab-V3 backbone"),
+])
+def test_backbone_must_fit_the_architecture(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(ROOT / "configs/demo.yaml", overrides)
+
+
+def test_config_knows_every_resnet_the_model_builds():
+    from models.backbones import RESNETS
+    from utils.config import RESNET_BACKBONES
+    assert set(RESNET_BACKBONES) == set(RESNETS)

@@ -143,6 +143,10 @@ CHOICES = {
 }
 
 
+RESNET_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")  # models/backbones.py builds these
+VIT_PREFIXES = ("vit_", "deit_")  # timm VisionTransformer families the Segmenter encoder accepts
+
+
 def _check_value(key: str, value: Any, annotation: Any) -> Any:
     """Return ``value`` converted to the field's type, or raise ConfigError naming ``key``."""
     origin = typing.get_origin(annotation)
@@ -208,6 +212,13 @@ def _validate(cfg: Config) -> None:
     low, high = (cfg.data.scale_range + [None, None])[:2] if len(cfg.data.scale_range) == 2 else (None, None)
     if low is None or not 0 < low <= high:
         raise ConfigError(f"config key 'data.scale_range' must be [low, high] with 0 < low <= high, got {cfg.data.scale_range}")
+    backbone = cfg.model.backbone
+    if cfg.model.architecture == "deeplabv3" and backbone not in RESNET_BACKBONES:
+        raise ConfigError(f"config key 'model.backbone': {backbone!r} is not a DeepLab-V3 backbone; "
+                          f"use one of {', '.join(RESNET_BACKBONES)}")
+    if cfg.model.architecture == "segmenter" and not backbone.startswith(VIT_PREFIXES):
+        raise ConfigError(f"config key 'model.backbone': {backbone!r} is not a timm ViT for the Segmenter; "
+                          "use e.g. vit_base_patch16_384 (smaller ones through model.backbone_overrides)")
     if not 0.0 <= cfg.method.pseudo_threshold <= 1.0:
         raise ConfigError("config key 'method.pseudo_threshold' must lie in [0, 1]")
     if cfg.train.max_iters_per_step is not None and cfg.train.max_iters_per_step <= 0:
