@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
@@ -22,6 +21,8 @@ from typing import Optional
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
+
+from utils.files import atomic_write_text
 
 from .layout import SplitFiles
 
@@ -55,7 +56,7 @@ def read_class_lists(path: str | Path) -> ClassLists:
 def write_class_lists(path: str | Path, lists: ClassLists, ids: Optional[list[str]] = None) -> None:
     path = Path(path)
     lines = [" ".join([image_id] + [str(c - 1) for c in sorted(lists[image_id])]) for image_id in (ids or lists)]
-    _atomic_write(path, "\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def classes_in_label(label_path: Path, num_classes: int) -> frozenset[int]:
@@ -70,13 +71,6 @@ def _fingerprint(files: SplitFiles) -> dict:
         stat = label.stat()
         digest.update(f"{image_id}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
     return {"num_images": len(files.ids), "labels_sha1": digest.hexdigest()}
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def derive_class_lists(files: SplitFiles, num_classes: int, cache_file: Path,
@@ -102,5 +96,5 @@ def derive_class_lists(files: SplitFiles, num_classes: int, cache_file: Path,
                           disable=not progress, leave=False))
     lists = dict(zip(files.ids, found))
     write_class_lists(cache_file, lists, list(files.ids))
-    _atomic_write(meta_file, json.dumps(fingerprint))  # written last: its presence marks a complete cache
+    atomic_write_text(meta_file, json.dumps(fingerprint))  # written last: its presence marks a complete cache
     return lists

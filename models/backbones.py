@@ -12,7 +12,6 @@ from pathlib import Path
 import torch
 from torch import nn
 from torchvision import models
-from torchvision.models.resnet import BasicBlock
 
 RESNETS = {
     "resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1, 512),

@@ -1,6 +1,5 @@
 """Data layout errors, class-list caching, label rewriting and the transform presets,
 on a tiny hand-made VOC-layout folder."""
-import os
 import time
 
 import numpy as np
@@ -8,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datasets.class_lists import ClassListError, derive_class_lists, read_class_lists
+from datasets.class_lists import ClassListError, read_class_lists
 from datasets.incremental import label_lookup, load_class_lists, train_dataset, val_dataset
 from datasets.layout import DatasetLayoutError, split_files
 from datasets.tasks import get_task

@@ -28,6 +28,7 @@ from models import build_model
 from utils import checkpoint as ckpt
 from utils.config import Config, ConfigError, config_to_dict, save_config
 from utils.distributed import DistContext, barrier, run_on_main
+from utils.files import TEMPORARY_PATTERN
 from utils.logs import TensorboardWriter, get_logger
 from utils.metrics import summarize
 from utils.report import format_step_table, write_results
@@ -103,7 +104,8 @@ class IncrementalTrainer:
                                   "pass --resume to continue it, or choose another name/output_dir")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         # Temporary files of an atomic write cut short (the process was killed while saving).
-        for stale in [*self.run_dir.glob(".*.tmp"), *self.run_dir.glob("checkpoints/.*.tmp")]:
+        checkpoints = self.run_dir / "checkpoints"
+        for stale in [*self.run_dir.glob(TEMPORARY_PATTERN), *checkpoints.glob(TEMPORARY_PATTERN)]:
             self.log.info("removing %s (left by an interrupted write)", stale)
             stale.unlink()
         saved = self.run_dir / "config.yaml"

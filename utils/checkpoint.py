@@ -17,6 +17,8 @@ from typing import Any, Optional
 
 import torch
 
+from utils.files import temporary_sibling
+
 
 class CheckpointError(RuntimeError):
     pass
@@ -37,7 +39,7 @@ def best_checkpoint(run_dir: Path, step: int) -> Path:
 def save_atomic(state: dict[str, Any], path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_sibling(path)
     torch.save(state, tmp)
     os.replace(tmp, path)
 

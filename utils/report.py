@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Optional
+
+from utils.files import atomic_write_text
 
 MEAN_COLUMNS = (("miou_old", "old"), ("miou_new", "new"), ("miou_all", "all"), ("miou_old_no_bg", "old w/o bg"))
 
@@ -60,22 +61,16 @@ def describe_protocol(meta: dict) -> str:
     return "; ".join(f"{key}: {meta[key]}" for key in keys if key in meta)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_results(run_dir: Path, results: list[dict], meta: dict) -> None:
     """Write results.json and results.md (atomically: a reader never sees half a file)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(run_dir / "results.json", json.dumps({"meta": meta, "steps": results}, indent=1) + "\n")
+    atomic_write_text(run_dir / "results.json", json.dumps({"meta": meta, "steps": results}, indent=1) + "\n")
     text = (f"# {meta.get('name', run_dir.name)}\n\n{describe_protocol(meta)}\n\n"
             f"mIoU (%) on the whole validation set after each step; old = classes of step 0 "
             f"(background included for VOC), new = classes of steps 1..t.\n\n{format_step_table(results)}\n\n"
             f"## IoU per class (%)\n\n{format_class_table(results)}\n")
-    _atomic_write(run_dir / "results.md", text)
+    atomic_write_text(run_dir / "results.md", text)
 
 
 class ReportError(ValueError):
