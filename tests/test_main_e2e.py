@@ -299,6 +299,19 @@ def test_killed_run_resumes_without_retraining(data_root, runs_dir, finished_run
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step0.pt", "step1.pt", "step2.pt"]
     assert file_set(run_dir) == file_set(finished_run[0])
 
+    # and the same numbers: the resumed step saw the same augmented batches and dropout masks
+    reference = run(main_command(run_options(data_root, runs_dir, "resume_reference", steps=steps, epochs=1,
+                                             epochs_incremental=1, max_iters_per_step=total,
+                                             checkpoint_interval=2)))
+    assert reference.returncode == 0, describe(reference)
+    resumed = torch.load(checkpoints / "step2.pt", map_location="cpu", weights_only=False)
+    uninterrupted = torch.load(runs_dir / "resume_reference" / "checkpoints" / "step2.pt", map_location="cpu",
+                               weights_only=False)
+    assert resumed["model"].keys() == uninterrupted["model"].keys()
+    for key, value in uninterrupted["model"].items():
+        assert torch.equal(resumed["model"][key], value), f"{key} differs from the uninterrupted run's"
+    assert resumed["metrics"]["miou_all"] == uninterrupted["metrics"]["miou_all"]
+
 
 # ------------------------------------------------------------------ 3. distributed (gloo, 2 processes)
 def torchrun_command(options: list[str]) -> list[str]:

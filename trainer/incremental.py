@@ -27,7 +27,8 @@ from datasets.transforms import eval_transforms, train_transforms
 from models import build_model
 from utils import checkpoint as ckpt
 from utils.config import Config, ConfigError, config_to_dict, save_config
-from utils.distributed import DistContext, barrier, run_on_main
+from utils.distributed import (DistContext, all_gather_object, barrier, random_state, run_on_main,
+                               set_random_state)
 from utils.files import TEMPORARY_PATTERN
 from utils.logs import TensorboardWriter, get_logger
 from utils.metrics import summarize
@@ -249,6 +250,13 @@ class IncrementalTrainer:
             if scaler is not None and saved.get("scaler"):
                 scaler.load_state_dict(saved["scaler"])
             state = TrainState(**saved["state"])
+            random_states = saved.get("random_states") or []
+            if len(random_states) == ctx.world_size:
+                set_random_state(random_states[ctx.rank], ctx.device)
+            else:
+                self.log.warning("%s holds the random state of %d processes, this run has %d: the rest of the "
+                                 "step draws other dropout masks than an uninterrupted run would", partial,
+                                 len(random_states), ctx.world_size)
             self.log.info("step %d: resuming from %s (epoch %d, iteration %d)", step, partial,
                           state.epoch + 1, state.iteration)
 
@@ -264,11 +272,13 @@ class IncrementalTrainer:
                       t.batch_size // ctx.world_size, ctx.world_size)
 
         def save_partial(current: TrainState) -> None:
+            # every rank's generator state (dropout draws), so a resumed step continues bit for bit
+            random_states = all_gather_object(random_state(ctx.device))
             if ctx.is_main:
                 ckpt.save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                                   "scheduler": scheduler.state_dict(),
                                   "scaler": scaler.state_dict() if scaler is not None else None,
-                                  "state": vars(copy.deepcopy(current))}, partial)
+                                  "state": vars(copy.deepcopy(current)), "random_states": random_states}, partial)
 
         def on_iteration(current: TrainState) -> None:
             if t.checkpoint_interval > 0 and current.iteration % t.checkpoint_interval == 0:

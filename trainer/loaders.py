@@ -1,5 +1,8 @@
-"""DataLoaders whose order is a pure function of (seed, step, epoch), so a run can
-resume in the middle of an epoch and see the remaining batches in the same order.
+"""DataLoaders whose batches are a pure function of (seed, step, epoch), so a run can
+resume in the middle of an epoch and see the remaining batches exactly as an
+uninterrupted run would: the same samples in the same order, and the same random
+augmentation of each (every sample's augmentation is drawn from its own seed,
+so it depends neither on where a run was resumed nor on the number of workers).
 """
 from __future__ import annotations
 
@@ -27,15 +30,41 @@ class EpochSampler(Sampler[int]):
         self.seed, self.epoch, self.skip_batches = seed, epoch, skip_batches
 
     def __iter__(self):
+        """Yields ``(dataset index, augmentation seed)`` pairs (read by :class:`SeededSamples`)."""
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         needed = self.iterations * self.batch_per_rank * self.world_size
         passes = -(-needed // self.size)
         order = torch.cat([torch.randperm(self.size, generator=generator) for _ in range(passes)])[:needed]
-        mine = order.view(self.iterations, self.world_size, self.batch_per_rank)[:, self.rank]
-        return iter(mine[self.skip_batches:].reshape(-1).tolist())
+        # a sample's seed is fixed by its place in the epoch's global order
+        seeds = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + torch.arange(needed)
+        shape = (self.iterations, self.world_size, self.batch_per_rank)
+        mine = order.view(shape)[:, self.rank][self.skip_batches:].reshape(-1)
+        my_seeds = seeds.view(shape)[:, self.rank][self.skip_batches:].reshape(-1) % 2**62
+        return iter(zip(mine.tolist(), my_seeds.tolist()))
 
     def __len__(self) -> int:
         return (self.iterations - self.skip_batches) * self.batch_per_rank
+
+
+class SeededSamples(Dataset):
+    """``dataset[(index, seed)]``: sample ``index``, its random transforms drawn from ``seed``.
+
+    torchvision's v2 transforms draw from torch's global generator; it is forked, so
+    the caller's random state (dropout in the main process with num_workers=0) is left
+    as it was.
+    """
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]):
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
 
 
 class ShardSampler(Sampler[int]):
@@ -71,9 +100,9 @@ def train_loader(dataset: Dataset, global_batch: int, ctx: DistContext, seed: in
     iterations = iterations_per_epoch(len(dataset), global_batch)
     sampler = EpochSampler(len(dataset), per_rank, iterations, ctx, seed, epoch, skip_batches)
     generator = torch.Generator().manual_seed(seed * 7919 + epoch * 31 + ctx.rank)
-    return DataLoader(dataset, batch_size=per_rank, sampler=sampler, num_workers=num_workers, drop_last=True,
-                      pin_memory=ctx.device.type == "cuda", worker_init_fn=_seed_worker, generator=generator,
-                      persistent_workers=False)
+    return DataLoader(SeededSamples(dataset), batch_size=per_rank, sampler=sampler, num_workers=num_workers,
+                      drop_last=True, pin_memory=ctx.device.type == "cuda", worker_init_fn=_seed_worker,
+                      generator=generator, persistent_workers=False)
 
 
 def eval_loader(dataset: Dataset, batch_size: int, ctx: DistContext, num_workers: int) -> DataLoader:
