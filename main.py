@@ -12,6 +12,7 @@ import argparse
 import sys
 
 from utils.config import ConfigError, load_config
+from utils.errors import UserError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,7 +39,6 @@ def main(argv=None) -> int:
 
     # Heavy imports after the config is known to be valid, so config errors come back fast.
     from trainer.incremental import IncrementalTrainer
-    from utils.checkpoint import CheckpointError
     from utils.distributed import cleanup, init_distributed
     from utils.logs import setup_logger
 
@@ -56,9 +56,9 @@ def main(argv=None) -> int:
                     print(format_step_table([summary]))
             else:
                 trainer.run()
-        except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as err:
-            # Expected user errors (bad config, data layout, missing or unreadable checkpoint):
-            # one clear line, no traceback.
+        except UserError as err:
+            # Bad input (config, data, run folder, checkpoint, weights): one clear line, no traceback.
+            # Anything else is a bug and keeps its traceback.
             log.error("%s: %s", type(err).__name__, err)
             return 2
         failed = False

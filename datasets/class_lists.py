@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Optional
@@ -22,15 +23,17 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from utils.errors import UserError
 from utils.files import atomic_write_text
 
-from .layout import SplitFiles
+from .layout import SplitFiles, split_files
+from .tasks import NUM_CLASSES
 
 ClassLists = dict[str, frozenset[int]]  # image id -> dataset class ids (1-based foreground)
 
 
-class ClassListError(ValueError):
-    pass
+class ClassListError(UserError, ValueError):
+    """A class-list file is missing, malformed or does not cover the split."""
 
 
 def read_class_lists(path: str | Path) -> ClassLists:
@@ -98,3 +101,35 @@ def derive_class_lists(files: SplitFiles, num_classes: int, cache_file: Path,
     write_class_lists(cache_file, lists, list(files.ids))
     atomic_write_text(meta_file, json.dumps(fingerprint))  # written last: its presence marks a complete cache
     return lists
+
+
+def cache_file(files: SplitFiles, split: str, cache_dir: Optional[str]) -> Path:
+    """Where derived lists are cached: next to the data, or in ``cache_dir``/the user cache when the data
+    is read-only."""
+    name = f"{split}_cls.txt"
+    if cache_dir:
+        return Path(cache_dir) / name
+    preferred = files.base / "class_lists"
+    try:
+        preferred.mkdir(exist_ok=True)
+        if os.access(preferred, os.W_OK):
+            return preferred / name
+    except OSError:
+        pass
+    key = hashlib.sha1(str(files.base.resolve()).encode()).hexdigest()[:12]
+    return Path.home() / ".cache" / "mbs_ciss" / key / name
+
+
+def load_class_lists(dataset: str, root: str, split: str, class_lists_file: Optional[str] = None,
+                     cache_dir: Optional[str] = None, progress: bool = True) -> tuple[SplitFiles, ClassLists]:
+    """The samples of ``split`` and their class lists: read from ``class_lists_file`` when given (it must
+    cover every sample), else derived from the labels (cached)."""
+    files = split_files(dataset, root, split)
+    if class_lists_file:
+        lists = read_class_lists(class_lists_file)
+        missing = [i for i in files.ids if i not in lists]
+        if missing:
+            raise ClassListError(f"class list file {class_lists_file} has no entry for {len(missing)} "
+                                 f"{split} images, e.g. {missing[0]!r}")
+        return files, lists
+    return files, derive_class_lists(files, NUM_CLASSES[dataset], cache_file(files, split, cache_dir), progress)

@@ -1,19 +1,12 @@
 """The dataset of one step of a class-incremental task.
 
 Given a task and a step, a training set holds the images selected by
-:mod:`datasets.splits` with labels rewritten for the step: the step's classes
-become their output channel, every other class (old or future) becomes
-background (0), 255 stays ignore. A validation set holds every validation
-image with labels of the classes seen so far mapped to their channel and all
-other classes ignored (ADE's label 0, "other", is ignored at test time too).
-Labels are remapped with a 256-entry lookup table, so shuffled class orders
-cost nothing.
+:mod:`datasets.splits` with labels rewritten for the step, a validation set every
+validation image (or those showing given classes) with labels of the classes seen
+so far; the rewriting rules live in :mod:`datasets.labels`.
 """
 from __future__ import annotations
 
-import hashlib
-import os
-from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
@@ -22,33 +15,17 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
-from .class_lists import ClassLists, derive_class_lists, read_class_lists
+from utils.errors import UserError
+
+from .class_lists import load_class_lists
+from .labels import label_lookup
 from .layout import SplitFiles, split_files
 from .splits import step_image_ids
-from .tasks import NUM_CLASSES, Task
-
-IGNORE_INDEX = 255
+from .tasks import Task
 
 
-def label_lookup(task: Task, step: int, split: str) -> np.ndarray:
-    """256-entry table mapping dataset label values to the labels the model sees at ``step``."""
-    task.check_step(step)
-    channel_of = {c: k for k, c in enumerate(task.order)}
-    if split == "train":
-        table = np.zeros(256, dtype=np.uint8)              # old and future classes -> background
-        for c in task.steps[step]:
-            table[c] = channel_of[c]
-    elif split == "val":
-        table = np.full(256, IGNORE_INDEX, dtype=np.uint8)  # classes not yet learned -> ignore
-        for s in task.steps[: step + 1]:
-            for c in s:
-                table[c] = channel_of[c]
-        if task.dataset == "ade":
-            table[0] = IGNORE_INDEX  # ADE's "other" is not evaluated
-    else:
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    table[IGNORE_INDEX] = IGNORE_INDEX
-    return table
+class DatasetError(UserError):
+    """A sample cannot be read, or a step selects no image."""
 
 
 class IncrementalSegmentation(Dataset):
@@ -73,10 +50,10 @@ class IncrementalSegmentation(Dataset):
             with Image.open(self.labels[i]) as lbl:
                 label = np.array(lbl)
         except (OSError, RuntimeError) as err:
-            raise RuntimeError(f"could not read sample {self.ids[i]!r} "
+            raise DatasetError(f"could not read sample {self.ids[i]!r} "
                                f"({self.images[i]} / {self.labels[i]}): {err}") from err
         if label.ndim != 2 or label.shape != tuple(image.shape[1:]):
-            raise RuntimeError(f"label {self.labels[i]} has shape {label.shape}, "
+            raise DatasetError(f"label {self.labels[i]} has shape {label.shape}, "
                                f"expected a single channel of size {tuple(image.shape[1:])}")
         mask = torch.from_numpy(self.lookup[label])
         return tv_tensors.Image(image), tv_tensors.Mask(mask)
@@ -88,46 +65,13 @@ class IncrementalSegmentation(Dataset):
         return image, mask.long() if isinstance(mask, torch.Tensor) else mask
 
 
-def _cache_file(files: SplitFiles, split: str, cache_dir: Optional[str]) -> Path:
-    """Cache next to the data, or in ``cache_dir``/the user cache when the data is read-only."""
-    name = f"{split}_cls.txt"
-    if cache_dir:
-        return Path(cache_dir) / name
-    preferred = files.base / "class_lists"
-    try:
-        preferred.mkdir(exist_ok=True)
-        if os.access(preferred, os.W_OK):
-            return preferred / name
-    except OSError:
-        pass
-    key = hashlib.sha1(str(files.base.resolve()).encode()).hexdigest()[:12]
-    return Path.home() / ".cache" / "mbs_ciss" / key / name
-
-
-def load_class_lists(dataset: str, root: str, split: str, class_lists_file: Optional[str] = None,
-                     cache_dir: Optional[str] = None, progress: bool = True) -> tuple[SplitFiles, ClassLists]:
-    files = split_files(dataset, root, split)
-    if class_lists_file:
-        lists = read_class_lists(class_lists_file)
-        missing = [i for i in files.ids if i not in lists]
-        if missing:
-            raise ValueError(f"class list file {class_lists_file} has no entry for {len(missing)} "
-                             f"{split} images, e.g. {missing[0]!r}")
-        return files, lists
-    return files, derive_class_lists(files, NUM_CLASSES[dataset], _cache_file(files, split, cache_dir), progress)
-
-
-def training_class_lists(dataset: str, root: str) -> ClassLists:
-    return load_class_lists(dataset, root, "train")[1]
-
-
 def train_dataset(task: Task, step: int, root: str, disjoint: bool, transform: Callable,
                   class_lists_file: Optional[str] = None, cache_dir: Optional[str] = None,
                   progress: bool = True) -> IncrementalSegmentation:
     files, lists = load_class_lists(task.dataset, root, "train", class_lists_file, cache_dir, progress)
     ids = step_image_ids(lists, task, step, disjoint, ids=files.ids)
     if not ids:
-        raise ValueError(f"step {step} of task {task.name} selects no training image from {files.base}")
+        raise DatasetError(f"step {step} of task {task.name} selects no training image from {files.base}")
     return IncrementalSegmentation(files, ids, label_lookup(task, step, "train"), transform)
 
 

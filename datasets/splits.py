@@ -17,8 +17,10 @@ import json
 import sys
 from typing import Iterable
 
-from .class_lists import ClassListError, ClassLists, read_class_lists
-from .tasks import Task, UnknownTaskError, get_task, known_tasks
+from utils.errors import UserError
+
+from .class_lists import ClassLists, load_class_lists, read_class_lists
+from .tasks import Task, get_task, known_tasks
 
 
 def step_image_ids(class_lists: ClassLists, task: Task, step: int, disjoint: bool,
@@ -64,11 +66,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.class_lists:
             lists = read_class_lists(args.class_lists)
         elif args.root:
-            from .incremental import training_class_lists
-            lists = training_class_lists(args.dataset, args.root)
+            lists = load_class_lists(args.dataset, args.root, "train")[1]
         else:
             parser.error("give --class-lists FILE or --root DIR")
-    except (UnknownTaskError, ClassListError, FileNotFoundError) as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(json.dumps(split_summary(lists, task, args.disjoint)))

@@ -38,12 +38,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .labels import IGNORE_INDEX
+
 __all__ = ["CLASS_NAMES", "CLASS_SPECS", "generate", "ensure_synthetic", "render_sample", "main"]
 
 # Bump when the drawing code changes, so stale folders are regenerated.
 FORMAT_VERSION = 1
 MARKER = "SYNTHETIC_DONE"
-IGNORE = 255
 SPLITS = {"train": ("train_aug.txt", 0), "val": ("val.txt", 1)}  # list file, split code for seeding
 
 COLOURS = {
@@ -292,7 +293,7 @@ def _add_ignore_ring(label: np.ndarray, depth: np.ndarray, inner: bool) -> None:
     ring = np.max(shifts, axis=0) > depth
     if inner:
         ring |= (depth > 0) & (np.min(shifts, axis=0) < depth)
-    label[ring] = IGNORE
+    label[ring] = IGNORE_INDEX
 
 
 # ----------------------------------------------------------------- generation

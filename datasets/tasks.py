@@ -11,7 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from utils.errors import UserError
+
 NUM_CLASSES = {"voc": 21, "ade": 151}
+# Dataset labels that are never scored: ADE20K's 0 ("other") is not a class (spec section 1).
+UNEVALUATED_LABELS = {"voc": frozenset(), "ade": frozenset({0})}
 
 
 def _blocks(first: int, block: int, total: int) -> list[list[int]]:
@@ -72,7 +76,11 @@ TASKS: dict[str, dict[str, list[list[int]]]] = {
 }
 
 
-class UnknownTaskError(ValueError):
+class TaskError(UserError, ValueError):
+    """A task name, custom class order or step number that does not exist."""
+
+
+class UnknownTaskError(TaskError):
     pass
 
 
@@ -98,18 +106,30 @@ class Task:
         """Output channels of each step (step 0 includes background)."""
         return [len(step) for step in self.steps]
 
+    def num_channels(self, step: int) -> int:
+        """Output channels of the model after ``step`` (steps 0..step, background included)."""
+        return sum(self.classes_per_step[: step + 1])
+
+    def num_old_channels(self, step: int) -> int:
+        """Output channels learned before ``step`` (0 at step 0)."""
+        return sum(self.classes_per_step[:step])
+
     def channels_of_step(self, step: int) -> list[int]:
         """Output channels (model indices, not dataset ids) that step ``step`` adds."""
-        start = sum(self.classes_per_step[:step])
-        return list(range(start, start + self.classes_per_step[step]))
+        return list(range(self.num_old_channels(step), self.num_channels(step)))
 
     def channels_seen(self, step: int) -> list[int]:
         """Output channels learned in steps 0..step, background included."""
-        return list(range(sum(self.classes_per_step[: step + 1])))
+        return list(range(self.num_channels(step)))
+
+    def evaluated_channels(self, step: int) -> list[int]:
+        """The channels scored after ``step``: every channel seen so far but those of unevaluated labels."""
+        skipped = UNEVALUATED_LABELS[self.dataset]
+        return [k for k in self.channels_seen(step) if self.order[k] not in skipped]
 
     def check_step(self, step: int) -> None:
         if not 0 <= step < self.num_steps:
-            raise ValueError(f"step {step} is out of range for task {self.dataset}:{self.name} "
+            raise TaskError(f"step {step} is out of range for task {self.dataset}:{self.name} "
                              f"({self.num_steps} steps, 0..{self.num_steps - 1})")
 
 
@@ -121,7 +141,7 @@ def get_task(dataset: str, name: str, custom_steps: list[list[int]] | None = Non
     """Look up a task by dataset and name, or build one from explicit ``custom_steps``.
 
     Raises :class:`UnknownTaskError` listing the known names for an unknown task,
-    and ``ValueError`` for a custom order that is not a partition starting with 0.
+    and :class:`TaskError` for a custom order that is not a partition starting with 0.
     """
     if dataset not in TASKS:
         raise UnknownTaskError(f"unknown dataset {dataset!r}; known datasets: {', '.join(sorted(TASKS))}")
@@ -140,16 +160,16 @@ def _validate_steps(dataset: str, name: str, steps: list[list[int]]) -> None:
     flat = [c for step in steps for c in step]
     where = f"custom task {name!r} ({dataset})"
     if not steps or any(len(step) == 0 for step in steps):
-        raise ValueError(f"{where}: every step needs at least one class")
+        raise TaskError(f"{where}: every step needs at least one class")
     if 0 not in steps[0]:
-        raise ValueError(f"{where}: step 0 must contain background (class 0)")
+        raise TaskError(f"{where}: step 0 must contain background (class 0)")
     if len(set(flat)) != len(flat):
-        raise ValueError(f"{where}: a class appears in more than one step")
+        raise TaskError(f"{where}: a class appears in more than one step")
     bad = [c for c in flat if not 0 <= c < NUM_CLASSES[dataset]]
     if bad:
-        raise ValueError(f"{where}: class ids {bad} are outside 0..{NUM_CLASSES[dataset] - 1}")
+        raise TaskError(f"{where}: class ids {bad} are outside 0..{NUM_CLASSES[dataset] - 1}")
     if steps[0][0] != 0:
-        raise ValueError(f"{where}: background (0) must be the first class of step 0 (output channel 0)")
+        raise TaskError(f"{where}: background (0) must be the first class of step 0 (output channel 0)")
 
 
 # Verify the shuffled orders once at import: each must be a permutation of 0..20.

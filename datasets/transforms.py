@@ -11,9 +11,10 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from .labels import IGNORE_INDEX
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-IGNORE_INDEX = 255
 
 
 def _to_model_input() -> list:

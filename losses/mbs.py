@@ -1,6 +1,10 @@
-"""Loss terms of MBS and of its non-MBS baseline (spec: docs/MBS_SPEC.md, section 2).
+"""Loss terms of MBS (Park et al., ECCV 2024) and of its non-MBS baseline.
 
 Every function here is a pure tensor function, independent of any model.
+Docstrings name the method's components by letter, as the README's "Methods and
+ablations" table does: (a) background weight transfer, (b) selective
+pseudo-labelling, (c) adaptive feature distillation, (d) label-guided output
+distillation, (e) the orthogonal objective; "Eq. n" is the paper's equation.
 
 Conventions shared by all functions:
 
@@ -22,6 +26,8 @@ from typing import ContextManager
 
 import torch
 import torch.nn.functional as F
+
+from datasets.labels import IGNORE_INDEX
 
 __all__ = [
     "pseudo_labels",
@@ -57,14 +63,14 @@ def _check_spatial(labels: torch.Tensor, maps: torch.Tensor, what: str) -> None:
 
 def _pseudo_labels_from_probs(labels: torch.Tensor, old_probs: torch.Tensor,
                               threshold: float) -> torch.Tensor:
-    """Step 1 of spec 2(b) given the old model's probabilities (B,C_old,H,W)."""
+    """Step 1 of component (b) given the old model's probabilities (B,C_old,H,W)."""
     max_prob, old_class = old_probs.max(dim=1)  # (B,H,W) each
     confident_object = (labels == 0) & (old_class != 0) & (max_prob >= threshold)
     return torch.where(confident_object, old_class.to(labels.dtype), labels)
 
 
 def pseudo_labels(labels: torch.Tensor, old_logits: torch.Tensor, threshold: float = 0.7) -> torch.Tensor:
-    """Plain pseudo-labelling (spec 2(b) step 1 only): the baseline's labels.
+    """Plain pseudo-labelling (component (b) step 1 only): the baseline's labels.
 
     Args:
         labels: (B,H,W) long, the step's labels (old and future classes
@@ -83,8 +89,8 @@ def pseudo_labels(labels: torch.Tensor, old_logits: torch.Tensor, threshold: flo
 
 
 def selective_pseudo_labels(labels: torch.Tensor, old_logits: torch.Tensor, threshold: float = 0.7,
-                            ignore_index: int = 255) -> torch.Tensor:
-    """Selective pseudo-labelling of MBS (spec 2(b), Eq. 1-3).
+                            ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Selective pseudo-labelling of MBS (component (b), Eq. 1-3).
 
     1. Pseudo-label as in :func:`pseudo_labels` (same rule, shared code).
     2. Object identifier ``O = sum_{c>=1} p_old[c] > p_old[0]``.
@@ -114,8 +120,8 @@ def selective_pseudo_labels(labels: torch.Tensor, old_logits: torch.Tensor, thre
 
 
 def afd_weight_map(old_logits: torch.Tensor, labels: torch.Tensor, num_old: int,
-                   ignore_index: int = 255) -> torch.Tensor:
-    """Per-pixel weight of adaptive feature distillation (spec 2(c)).
+                   ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Per-pixel weight of adaptive feature distillation (component (c)).
 
     Args:
         old_logits: (B,C_old,h,w) old-model logits at feature resolution.
@@ -142,7 +148,7 @@ def afd_weight_map(old_logits: torch.Tensor, labels: torch.Tensor, num_old: int,
 
 def adaptive_feature_distillation(feat_new: torch.Tensor, feat_old: torch.Tensor,
                                   weight: torch.Tensor) -> torch.Tensor:
-    """Weighted feature MSE of MBS (spec 2(c), Eq. 5).
+    """Weighted feature MSE of MBS (component (c), Eq. 5).
 
     ``sum(w * (F_new - F_old)^2) / (count(w > 0) * D)``.
 
@@ -186,8 +192,8 @@ def feature_distillation(feat_new: torch.Tensor, feat_old: torch.Tensor) -> torc
 
 
 def label_guided_distillation(new_logits: torch.Tensor, old_logits: torch.Tensor, labels: torch.Tensor,
-                              ignore_index: int = 255) -> torch.Tensor:
-    """Label-guided output distillation of MBS (spec 2(d), Eq. 7).
+                              ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Label-guided output distillation of MBS (component (d), Eq. 7).
 
     Target ``q`` over all C current channels:
     ``q[c] = softmax(old)[c]`` for c < C_old and 0 for the new channels; at a
@@ -266,7 +272,7 @@ def knowledge_distillation(new_logits: torch.Tensor, old_logits: torch.Tensor) -
 
 
 def orthogonal_loss(class_vectors: torch.Tensor, num_old: int) -> torch.Tensor:
-    """Orthogonal objective of MBS (spec 2(e)), unweighted.
+    """Orthogonal objective of MBS (component (e)), unweighted.
 
     Rows are L2-normalised; for every new class i (row >= num_old) and every
     other class j != i the term is ``|cos(e_i, stopgrad(e_j))|``; the loss is

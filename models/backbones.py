@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torchvision import models
 
+from utils.errors import UserError
+
 RESNETS = {
     "resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1, 512),
     "resnet34": (models.resnet34, models.ResNet34_Weights.IMAGENET1K_V1, 512),
@@ -21,7 +23,7 @@ RESNETS = {
 }
 
 
-class PretrainedWeightsError(ValueError):
+class PretrainedWeightsError(UserError, ValueError):
     """A local weights file is missing or does not match the network; names the file and keys."""
 
 

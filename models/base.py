@@ -53,11 +53,6 @@ class IncrementalSegmenter(nn.Module):
     def num_classes(self) -> int:
         return sum(self.classes_per_step)
 
-    @property
-    def num_old_classes(self) -> int:
-        """Channels of all steps before the last one (0 for a step-0 model)."""
-        return sum(self.classes_per_step[:-1])
-
     def forward(self, images: torch.Tensor) -> SegmentationOutput:  # pragma: no cover - abstract
         raise NotImplementedError
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from datasets.class_lists import ClassListError, read_class_lists
-from datasets.incremental import label_lookup, load_class_lists, train_dataset, val_dataset
+from datasets.class_lists import ClassListError, load_class_lists, read_class_lists
+from datasets.incremental import train_dataset, val_dataset
+from datasets.labels import label_lookup
 from datasets.layout import DatasetLayoutError, split_files
 from datasets.tasks import get_task
 from datasets.transforms import eval_transforms, train_transforms

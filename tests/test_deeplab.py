@@ -22,25 +22,6 @@ def test_shapes_and_output_stride(backbone, output_stride):
     assert out.class_embeddings is None
 
 
-def test_background_transfer_copies_weight_and_bias():
-    model = tiny([4, 3])
-    old_rows = model.class_vectors()[:4].detach().clone()
-    model.transfer_background_to_new_classes()
-    vectors = model.class_vectors()
-    for k in range(4, 7):
-        assert torch.equal(vectors[k], vectors[0])
-        assert model.classifiers[1].bias[k - 4] == model.classifiers[0].bias[0]
-    assert torch.equal(vectors[:4], old_rows)
-    # right after the transfer every new class scores exactly like background
-    logits = model.eval()(torch.randn(1, 3, 32, 32)).logits
-    assert torch.allclose(logits[:, 4:], logits[:, :1].expand(-1, 3, -1, -1))
-
-
-def test_transfer_needs_an_incremental_step():
-    with pytest.raises(RuntimeError, match="at least one incremental step"):
-        tiny([5]).transfer_background_to_new_classes()
-
-
 def test_growing_a_model_keeps_old_outputs():
     old = tiny([4]).eval()
     new = tiny([4, 2]).eval()
@@ -51,13 +32,6 @@ def test_growing_a_model_keeps_old_outputs():
     assert torch.allclose(new(x).logits[:, :4], old(x).logits, atol=1e-6)
     with pytest.raises(CheckpointError, match="missing"):
         load_model_weights(new, old.state_dict(), "old")
-
-
-def test_parameter_groups_cover_every_parameter():
-    model = tiny([3, 1])
-    groups = model.parameter_groups()
-    ids = [id(p) for group in groups.values() for p in group]
-    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
 
 
 def test_local_pretrained_file(tmp_path):

@@ -59,7 +59,7 @@ def test_summary_old_new_all_zero_counts_as_zero():
 
 def test_summary_ade_ignores_channel_zero_and_step0_has_no_new():
     matrix = torch.tensor([[0, 0, 0], [1, 3, 0], [0, 1, 1]])  # truth never 0 (ADE "other" is ignored)
-    s = summarize(matrix, old=[0, 1, 2], new=[], names=["other", "wall", "floor"], ignore_background=True)
+    s = summarize(matrix, old=[1, 2], new=[], names=["other", "wall", "floor"])  # ADE: channel 0 not evaluated
     assert "other" not in s["iou"]
     assert s["miou_old"] == pytest.approx((3 / 5 + 1 / 2) / 2)
     assert s["miou_old"] == s["miou_old_no_bg"] == s["miou_all"]

@@ -71,24 +71,6 @@ def test_single_class_step_is_learnable():
     assert model.mask_norms[1].weight.grad.abs().sum() > 0
 
 
-def test_background_transfer():
-    model = tiny([4, 3])
-    old_rows = model.class_vectors()[:4].detach().clone()
-    model.transfer_background_to_new_classes()
-    vectors = model.class_vectors()
-    for k in range(4, 7):
-        assert torch.equal(vectors[k], vectors[0])
-        cosine = torch.dot(vectors[k], vectors[0]) / (vectors[k].norm() * vectors[0].norm())
-        assert torch.isclose(cosine, torch.tensor(1.0))
-    assert torch.equal(vectors[:4], old_rows)
-    assert model.class_embeddings[1].requires_grad and vectors.requires_grad
-
-
-def test_transfer_needs_an_incremental_step():
-    with pytest.raises(RuntimeError, match="at least one incremental step"):
-        tiny([5]).transfer_background_to_new_classes()
-
-
 def test_growing_a_model_restores_old_weights():
     old = tiny([4], seed=1).eval()
     new = tiny([4, 2], seed=2).eval()
@@ -175,11 +157,10 @@ def test_fused_attention(monkeypatch):
     assert len(calls) == 4
 
 
-def test_parameter_groups_cover_every_parameter():
+def test_parameter_groups_split_encoder_and_decoder():
+    """(that the groups cover every parameter once: tests/test_model_contract.py)"""
     model = tiny([3, 1])
     groups = model.parameter_groups()
-    ids = [id(p) for group in groups.values() for p in group]
-    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
     assert {id(p) for p in groups["backbone"]} == {id(p) for p in model.encoder.parameters()}
     assert {id(p) for p in model.class_embeddings.parameters()} <= {id(p) for p in groups["head"]}
 

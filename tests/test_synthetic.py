@@ -11,7 +11,8 @@ import pytest
 from PIL import Image
 
 from datasets.layout import split_files
-from datasets.synthetic import CLASS_NAMES, IGNORE, MARKER, ensure_synthetic, generate, render_sample
+from datasets.labels import IGNORE_INDEX
+from datasets.synthetic import CLASS_NAMES, MARKER, ensure_synthetic, generate, render_sample
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = dict(num_train=60, num_val=20, image_size=64, seed=3, progress=False)
@@ -58,13 +59,13 @@ def test_layout_and_lists(small_root):
 
 
 def test_label_values_and_ignore_ring(small_root):
-    allowed = set(range(21)) | {IGNORE}
+    allowed = set(range(21)) | {IGNORE_INDEX}
     for label in _labels(small_root, "train") + _labels(small_root, "val"):
         values = set(np.unique(label).tolist())
         assert values <= allowed
-        objects = (label > 0) & (label != IGNORE)
+        objects = (label > 0) & (label != IGNORE_INDEX)
         assert objects.any(), "every image shows at least one object"
-        assert (label == IGNORE).any()
+        assert (label == IGNORE_INDEX).any()
         # Labelled object pixels never touch background directly: the 255 ring lies between.
         padded = np.pad(label, 1, mode="edge")
         for dy, dx in ((0, 1), (1, 0), (0, -1), (-1, 0)):
@@ -76,7 +77,7 @@ def test_label_values_and_ignore_ring(small_root):
         for dy in range(-2, 3):
             for dx in range(-2, 3):
                 near_object |= pad_obj[2 + dy:2 + dy + 64, 2 + dx:2 + dx + 64]
-        assert near_object[label == IGNORE].all()
+        assert near_object[label == IGNORE_INDEX].all()
 
 
 def test_images_are_not_flat(small_root):

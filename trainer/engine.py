@@ -1,90 +1,87 @@
-"""One training epoch and one evaluation pass, as plain functions."""
+"""Training iterations and one evaluation pass, as plain functions."""
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass, field
-from typing import Callable, Optional
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from datasets.transforms import denormalize
+from models.base import SegmentationOutput
 from utils.distributed import DistContext
 from utils.logs import TensorboardWriter
 from utils.metrics import ConfusionMatrix
 
-from .methods import DistillationMethod
-
-
-def autocast(ctx: DistContext, amp: str):
-    """Mixed precision on CUDA only; CPU runs stay in float32."""
-    if ctx.device.type != "cuda" or amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+from .step import StepRun, autocast_context
 
 
 @dataclass
-class TrainState:
-    """Where training of a step stands; saved in the in-step checkpoint."""
+class StepLogger:
+    """Tensorboard logging of a training step: scalars every ``log_interval`` iterations, an
+    input / label / prediction triplet every ``image_log_interval`` iterations (0: once per epoch)."""
 
-    epoch: int = 0              # current epoch
-    batch_in_epoch: int = 0     # batches of the current epoch already done
-    iteration: int = 0          # optimiser steps done in this step
-    best_score: Optional[float] = None
-    best_epoch: Optional[int] = None
-    history: list = field(default_factory=list)  # validation results during the step
+    writer: TensorboardWriter
+    tag: str                 # "step{t}", the prefix of every tag
+    log_interval: int
+    image_log_interval: int
+
+    def iteration(self, run: StepRun, loss: torch.Tensor, terms: dict[str, torch.Tensor], images: torch.Tensor,
+                  labels: torch.Tensor, output: SegmentationOutput, first_of_epoch: bool) -> None:
+        iteration = run.state.iteration
+        if iteration % self.log_interval == 0 or iteration == 1:
+            values = {f"loss/{name}": value.item() for name, value in terms.items()}
+            values["loss/total"] = loss.item()
+            values["lr"] = run.optimizer.param_groups[0]["lr"]
+            self.writer.scalars(values, iteration, prefix=f"{self.tag}/")
+        log_images = first_of_epoch if self.image_log_interval <= 0 else iteration % self.image_log_interval == 0
+        if log_images:
+            self.writer.segmentation_images(f"{self.tag}/train/input_label_prediction", denormalize(images[:1])[0],
+                                            labels[0], output.logits[0].argmax(0), iteration)
 
 
-def train_one_epoch(model: nn.Module, old_model: Optional[nn.Module], method: DistillationMethod,
-                    loader, optimizer, scheduler, scaler, ctx: DistContext, amp: str, state: TrainState,
-                    max_iterations: int, writer: TensorboardWriter, tag: str, log_interval: int,
-                    image_log_interval: int, on_iteration: Callable[[TrainState], None]) -> None:
-    """Train until the loader is exhausted or ``state.iteration`` reaches ``max_iterations``."""
-    model.train()
-    raw_model = model.module if hasattr(model, "module") else model
-    bar = tqdm(loader, total=len(loader), disable=not ctx.is_main, leave=False, dynamic_ncols=True,
-               desc=f"{tag} epoch {state.epoch + 1}")
+def train_iteration(run: StepRun, images: torch.Tensor, labels: torch.Tensor
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], SegmentationOutput]:
+    """One optimiser step on one batch: forward (and the old model's), the method's loss terms, backward."""
+    with run.autocast:
+        output = run.train_model(images)
+        old_output = None
+        if run.old_model is not None:
+            with torch.no_grad():
+                old_output = run.old_model(images)
+        terms = run.method.losses(labels, output, old_output, run.model)
+        loss = sum(terms.values())
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"step {run.step}: loss is {loss.item()} at iteration {run.state.iteration} "
+                                 f"(terms: { {name: float(value) for name, value in terms.items()} })")
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    return loss, terms, output
+
+
+def train(run: StepRun, batches, logger: StepLogger, after_iteration: Callable[[StepRun, bool], None]) -> None:
+    """Train on every batch of ``batches`` (the rest of the step); after each iteration call
+    ``after_iteration(run, completed_an_epoch)``."""
+    ctx = run.ctx
+    run.train_model.train()
+    bar = tqdm(batches, total=len(batches), disable=not ctx.is_main, leave=False, dynamic_ncols=True,
+               desc=f"{logger.tag} epoch {run.state.epoch + 1}")
     for images, labels in bar:
-        if state.iteration >= max_iterations:
-            break
         images = images.to(ctx.device, non_blocking=True)
         labels = labels.to(ctx.device, non_blocking=True)
-        with autocast(ctx, amp):
-            output = model(images)
-            old_output = None
-            if old_model is not None:
-                with torch.no_grad():
-                    old_output = old_model(images)
-            terms = method.losses(labels, output, old_output, raw_model)
-            loss = sum(terms.values())
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"{tag}: loss is {loss.item()} at iteration {state.iteration} "
-                                     f"(terms: { {k: float(v) for k, v in terms.items()} })")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        scheduler.step()
-        state.iteration += 1
-        state.batch_in_epoch += 1
+        loss, terms, output = train_iteration(run, images, labels)
+        first_of_epoch = run.state.batch_in_epoch == 0
+        completed_epoch = run.state.advance(run.plan.iterations_per_epoch)
         if ctx.is_main:
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
-            if state.iteration % log_interval == 0 or state.iteration == 1:
-                values = {f"loss/{k}": v.item() for k, v in terms.items()}
-                values["loss/total"] = loss.item()
-                values["lr"] = optimizer.param_groups[0]["lr"]
-                writer.scalars(values, state.iteration, prefix=f"{tag}/")
-            log_images = (state.batch_in_epoch == 1) if image_log_interval <= 0 else (
-                state.iteration % image_log_interval == 0)
-            if log_images:
-                writer.segmentation_images(f"{tag}/train/input_label_prediction", denormalize(images[:1])[0],
-                                           labels[0], output.logits[0].argmax(0), state.iteration)
-        on_iteration(state)
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}")
+            logger.iteration(run, loss, terms, images, labels, output, first_of_epoch)
+            if completed_epoch:
+                bar.set_description(f"{logger.tag} epoch {run.state.epoch + 1}")
+        after_iteration(run, completed_epoch)
     bar.close()
 
 
@@ -94,10 +91,11 @@ def evaluate(model: nn.Module, loader, num_classes: int, ctx: DistContext, amp: 
     """Confusion matrix over the loader's samples, summed over all processes."""
     model.eval()
     matrix = ConfusionMatrix(num_classes, device=ctx.device)
+    autocast = autocast_context(ctx.device, amp)
     for images, labels in tqdm(loader, disable=not ctx.is_main, leave=False, desc=progress_desc, dynamic_ncols=True):
         images = images.to(ctx.device, non_blocking=True)
         labels = labels.to(ctx.device, non_blocking=True)
-        with autocast(ctx, amp):
+        with autocast:
             logits = model(images).logits
         matrix.update(logits.argmax(1), labels)
     matrix.reduce_from_all_processes()

@@ -1,73 +1,47 @@
 """The class-incremental step loop.
 
-For every step of the task: build the model for the classes seen so far, load
-the previous step's weights (and keep a frozen copy as the old model), let the
-method prepare it (background transfer), train, pick the weights to keep
-(``last`` or ``best``), test on the whole validation set, and write the step's
-checkpoint and the results files. A finished step's checkpoint is never
-overwritten; ``resume`` skips finished steps and continues an interrupted one
-from its in-step checkpoint.
+For every step of the task: skip it if it is finished, build the step (the model
+for the classes seen so far, initialised from the previous step, with the frozen
+old model and the method's preparation), train, choose the weights to keep
+(``last`` or ``best``), test on the whole validation set, and save the step's
+checkpoint and the results files. ``resume`` continues an interrupted step from
+its in-step checkpoint; a finished step's checkpoint is never overwritten.
 """
 from __future__ import annotations
 
-import copy
 import random
 import time
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
-from datasets.incremental import load_class_lists, train_dataset, val_dataset
-from datasets.tasks import Task, get_task
+from datasets.class_lists import load_class_lists
+from datasets.incremental import IncrementalSegmentation, train_dataset, val_dataset
+from datasets.labels import class_names
+from datasets.tasks import get_task
 from datasets.transforms import eval_transforms, train_transforms
 from models import build_model
+from models.base import IncrementalSegmenter
 from utils import checkpoint as ckpt
-from utils.config import Config, ConfigError, config_to_dict, save_config
-from utils.distributed import (DistContext, all_gather_object, barrier, random_state, run_on_main,
-                               set_random_state)
-from utils.files import TEMPORARY_PATTERN
+from utils.config import Config, ConfigError, batch_per_process, config_to_dict
+from utils.distributed import DistContext, all_gather_object, barrier, random_state, run_on_main, set_random_state
 from utils.logs import TensorboardWriter, get_logger
-from utils.metrics import summarize
+from utils.metrics import ConfusionMatrix, summarize
 from utils.report import format_step_table, write_results
+from utils.run_folder import prepare_run_folder
 
-from .engine import TrainState, evaluate, train_one_epoch
-from .loaders import eval_loader, iterations_per_epoch, train_loader
-from .methods import build_method, resolve_switches
-
-VOC_CLASS_NAMES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-                   "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-                   "train", "tvmonitor"]
+from .engine import StepLogger, evaluate, train
+from .loaders import eval_loader, train_loader
+from .methods import IncrementalMethod, build_method, resolve_switches
+from .step import StepRun, plan_step
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def class_names(cfg: Config, task: Task) -> list[str]:
-    """Name of every output channel, in the task's class order."""
-    if cfg.data.synthetic.enabled:
-        from datasets.synthetic import CLASS_NAMES
-        names = list(CLASS_NAMES)
-    elif cfg.data.dataset == "voc":
-        names = VOC_CLASS_NAMES
-    else:
-        names = ["other"] + [f"ade_{k}" for k in range(1, 151)]
-        info = Path(cfg.data.root) / "ADEChallengeData2016" / "objectInfo150.txt"
-        if info.is_file():  # "Idx Ratio Train Val Name" with names like "wall" or "building;edifice"
-            for line in info.read_text().splitlines()[1:]:
-                parts = line.split("\t")
-                if len(parts) >= 5 and parts[0].strip().isdigit():
-                    names[int(parts[0])] = parts[4].split(";")[0].strip()
-    # Results are keyed by class name: a name that repeats (ADE's short names could) gets its class id.
-    repeated = {n for n in names if names.count(n) > 1}
-    names = [f"{n}_{k}" if n in repeated else n for k, n in enumerate(names)]
-    return [names[c] for c in task.order]
 
 
 class IncrementalTrainer:
@@ -81,44 +55,12 @@ class IncrementalTrainer:
         if not 0 <= cfg.start_step <= self.end_step < self.task.num_steps:
             raise ConfigError(f"steps {cfg.start_step}..{self.end_step} are outside task {self.task.name} "
                               f"(steps 0..{self.task.num_steps - 1})")
-        if cfg.train.checkpoint_policy == "best" and cfg.train.val_interval <= 0:
-            raise ConfigError("train.checkpoint_policy=best needs train.val_interval > 0 (it selects on validation)")
-        if cfg.train.batch_size % ctx.world_size:
-            raise ConfigError(f"train.batch_size={cfg.train.batch_size} is the total batch over all processes and "
-                              f"must be divisible by their number ({ctx.world_size})")
-        self.names = class_names(cfg, self.task)
+        batch_per_process(cfg.train.batch_size, ctx.world_size)  # the same refusal on every rank
+        self.names = class_names(self.task, cfg.data.root, cfg.data.synthetic.enabled)
         # A no-op until run() has checked the run folder: a refused run or --eval-only writes no event file.
         self.writer = TensorboardWriter(None, False)
 
     # ---------------------------------------------------------------- set-up
-    def prepare_run_dir(self) -> None:
-        """Refuse to overwrite finished work unless resuming; save the resolved config.
-
-        Done by rank 0; a refusal is raised on every rank (so they all stop at the same place).
-        """
-        run_on_main(self.ctx, self._prepare_run_dir)
-
-    def _prepare_run_dir(self) -> None:
-        done = sorted(self.run_dir.glob("checkpoints/step*.pt"))
-        if done and not self.resume:
-            raise FileExistsError(f"run folder {self.run_dir} already holds checkpoints ({done[0].name}, ...): "
-                                  "pass --resume to continue it, or choose another name/output_dir")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        # Temporary files of an atomic write cut short (the process was killed while saving).
-        checkpoints = self.run_dir / "checkpoints"
-        for stale in [*self.run_dir.glob(TEMPORARY_PATTERN), *checkpoints.glob(TEMPORARY_PATTERN)]:
-            self.log.info("removing %s (left by an interrupted write)", stale)
-            stale.unlink()
-        saved = self.run_dir / "config.yaml"
-        if saved.exists() and self.resume:
-            import yaml
-            before = yaml.safe_load(saved.read_text())
-            if before != config_to_dict(self.cfg):
-                self.log.warning("the config differs from the one saved in %s; the saved one is kept as "
-                                 "config.previous.yaml", saved)
-                saved.rename(self.run_dir / "config.previous.yaml")
-        save_config(self.cfg, saved)
-
     def prepare_data(self) -> None:
         """Generate the synthetic data and derive the class lists on rank 0 first, so ranks never race;
         a data error found there is raised on every rank."""
@@ -131,9 +73,17 @@ class IncrementalTrainer:
         if self.cfg.train.val_interval > 0:  # selection_loader reads the val lists on every rank
             load_class_lists(data.dataset, data.root, "val", None, data.cache_dir)
 
+    def ensure_synthetic_data(self) -> None:
+        """Generate the built-in synthetic dataset at data.root if the config asks for it and it is absent."""
+        synthetic = self.cfg.data.synthetic
+        if synthetic.enabled:
+            from datasets.synthetic import ensure_synthetic
+            ensure_synthetic(self.cfg.data.root, num_train=synthetic.num_train, num_val=synthetic.num_val,
+                             image_size=synthetic.image_size, seed=synthetic.seed)
+
     # ----------------------------------------------------------------- steps
     def run(self) -> list[dict]:
-        self.prepare_run_dir()
+        run_on_main(self.ctx, lambda: prepare_run_folder(self.run_dir, self.cfg, self.resume, self.log))
         self.prepare_data()
         self.writer = TensorboardWriter(self.run_dir / "tensorboard", self.ctx.is_main)
         try:
@@ -143,8 +93,7 @@ class IncrementalTrainer:
             results = self.previous_results()
             for step in range(self.cfg.start_step, self.end_step + 1):
                 metrics = self.run_step(step)
-                results = [r for r in results if r["step"] != step] + [metrics]
-                results.sort(key=lambda r: r["step"])
+                results = sorted([r for r in results if r["step"] != step] + [metrics], key=lambda r: r["step"])
                 if self.ctx.is_main:
                     write_results(self.run_dir, results, self.meta())
             if self.ctx.is_main:
@@ -153,13 +102,142 @@ class IncrementalTrainer:
             self.writer.close()
         return results
 
+    def run_step(self, step: int) -> dict:
+        """Skip a finished step -> build the step -> train -> choose the weights -> test -> save."""
+        if ckpt.step_checkpoint(self.run_dir, step).exists():
+            return self.finished_step_metrics(step)
+        run, train_set = self.build_step(step)
+        self.train_step(run, train_set)
+        kept = self.choose_weights(run)
+        metrics = self.test(run.model, step)
+        metrics.update({"checkpoint": kept, "iterations": run.state.iteration,
+                        "validation_history": run.state.history})
+        self.save_finished_step(run, metrics)
+        return metrics
+
+    def finished_step_metrics(self, step: int) -> dict:
+        final = ckpt.step_checkpoint(self.run_dir, step)
+        self.log.info("step %d is finished (%s): not retraining it", step, final)
+        if self.ctx.is_main:
+            # Left when a run was killed between writing the step's checkpoint and removing these.
+            for leftover in (ckpt.partial_checkpoint(self.run_dir, step), ckpt.best_checkpoint(self.run_dir, step)):
+                if leftover.exists():
+                    self.log.info("removing %s (the step is finished)", leftover)
+                    ckpt.remove_if_exists(leftover)
+        return ckpt.load(final)["metrics"]
+
+    def build_step(self, step: int) -> tuple[StepRun, IncrementalSegmentation]:
+        cfg = self.cfg
+        seed_everything(cfg.seed * 1000 + step * 10 + self.ctx.rank)
+        method = build_method(cfg.method, self.task.num_old_channels(step), self.task.num_channels(step))
+        model, old_model = self.models_for_step(step, method)
+        train_set = train_dataset(self.task, step, cfg.data.root, cfg.data.setting == "disjoint",
+                                  train_transforms(cfg.data.base_size, cfg.data.crop_size, cfg.data.scale_range),
+                                  cfg.data.class_lists, cfg.data.cache_dir, progress=self.ctx.is_main)
+        run = StepRun(step, model, old_model, method, plan_step(cfg.train, step, len(train_set)), cfg.train,
+                      self.ctx)
+        self.resume_in_step(run)
+        return run, train_set
+
+    def model_for_step(self, step: int) -> IncrementalSegmenter:
+        return build_model(self.cfg.model, self.task.classes_per_step[: step + 1], self.cfg.data.crop_size)
+
+    def models_for_step(self, step: int, method: IncrementalMethod
+                        ) -> tuple[IncrementalSegmenter, Optional[IncrementalSegmenter]]:
+        """The model to train and the frozen old model (None at step 0 or when the method needs none)."""
+        if step == 0:
+            return self.model_for_step(0), None
+        previous = ckpt.step_checkpoint(self.run_dir, step - 1)
+        if not previous.exists():
+            raise ckpt.CheckpointError(f"step {step} starts from the checkpoint of step {step - 1}, but {previous} "
+                                       f"does not exist: run step {step - 1} first (start_step)")
+        state = ckpt.load(previous)["model"]
+        old_model = self.model_for_step(step - 1)
+        ckpt.load_model_weights(old_model, state, str(previous))
+        model = self.model_for_step(step)
+        new_keys = tuple(sorted(set(model.state_dict()) - set(old_model.state_dict())))
+        ckpt.load_model_weights(model, state, str(previous), allowed_missing_prefixes=new_keys)
+        method.prepare_model(model)
+        return model, old_model if method.needs_old_model else None
+
+    def resume_in_step(self, run: StepRun) -> None:
+        """Continue ``run`` from its in-step checkpoint, when resuming and there is one."""
+        path = ckpt.partial_checkpoint(self.run_dir, run.step)
+        if not (self.resume and path.exists()):
+            return
+        saved = ckpt.load(path, self.ctx.device)
+        run.load_state_dict(saved, str(path))
+        random_states = saved.get("random_states") or []
+        if len(random_states) == self.ctx.world_size:
+            set_random_state(random_states[self.ctx.rank], self.ctx.device)
+        else:
+            self.log.warning("%s holds the random state of %d processes, this run has %d: the rest of the step "
+                             "draws other dropout masks than an uninterrupted run would", path, len(random_states),
+                             self.ctx.world_size)
+        self.log.info("step %d: resuming from %s (epoch %d, iteration %d)", run.step, path, run.state.epoch + 1,
+                      run.state.iteration)
+
+    def train_step(self, run: StepRun, train_set: IncrementalSegmentation) -> None:
+        cfg, plan, train_cfg = self.cfg, run.plan, self.cfg.train
+        batch = train_cfg.batch_size
+        self.log.info("step %d: %d classes (%d new), %d training images, %d epochs x %d iterations (%d total), "
+                      "batch %d (%d per process x %d processes)", run.step, run.method.num_classes,
+                      run.method.num_classes - run.method.num_old, len(train_set), plan.epochs,
+                      plan.iterations_per_epoch, plan.total_iterations, batch, batch // self.ctx.world_size,
+                      self.ctx.world_size)
+        selection = self.selection_loader(run.step) if train_cfg.val_interval > 0 else None
+
+        def after_iteration(run: StepRun, completed_epoch: bool) -> None:
+            if completed_epoch or run.finished:
+                if selection is not None and (run.state.epoch % train_cfg.val_interval == 0 or run.finished):
+                    self.validate_during_step(run, selection)
+                self.save_in_step(run)
+            elif train_cfg.checkpoint_interval > 0 and run.state.iteration % train_cfg.checkpoint_interval == 0:
+                self.save_in_step(run)
+
+        started = time.time()
+        batches = train_loader(train_set, batch, self.ctx, cfg.seed * 1000 + run.step, plan.iterations_per_epoch,
+                               plan.total_iterations, cfg.data.num_workers, start_iteration=run.state.iteration)
+        logger = StepLogger(self.writer, f"step{run.step}", train_cfg.log_interval, train_cfg.image_log_interval)
+        train(run, batches, logger, after_iteration)
+        self.log.info("step %d: trained %d iterations in %.1f s", run.step, run.state.iteration,
+                      time.time() - started)
+
+    def save_in_step(self, run: StepRun) -> None:
+        # every rank's generator state (dropout draws), so a resumed step continues bit for bit
+        random_states = all_gather_object(random_state(self.ctx.device))
+        if self.ctx.is_main:
+            ckpt.save_atomic({**run.state_dict(), "random_states": random_states},
+                             ckpt.partial_checkpoint(self.run_dir, run.step))
+
+    def choose_weights(self, run: StepRun) -> str:
+        """Load the weights the checkpoint policy keeps into ``run.model``; describe them."""
+        state = run.state
+        if self.cfg.train.checkpoint_policy == "best" and state.best_epoch is not None:
+            best = ckpt.load(ckpt.best_checkpoint(self.run_dir, run.step), self.ctx.device)
+            run.model.load_state_dict(best["model"])
+            return f"best (epoch {state.best_epoch}, new-class mIoU {state.best_score:.4f} on val)"
+        return "last"
+
+    def save_finished_step(self, run: StepRun, metrics: dict) -> None:
+        """The step's checkpoint (weights, metrics and the config and task that made them), then the in-step
+        files are removed: from here on the step is finished."""
+        if self.ctx.is_main:
+            ckpt.save_atomic({"model": run.model.state_dict(), "metrics": metrics, "step": run.step,
+                              "config": config_to_dict(self.cfg), "task": [list(s) for s in self.task.steps]},
+                             ckpt.step_checkpoint(self.run_dir, run.step))
+            ckpt.remove_if_exists(ckpt.partial_checkpoint(self.run_dir, run.step))
+            ckpt.remove_if_exists(ckpt.best_checkpoint(self.run_dir, run.step))
+        barrier()
+
     def meta(self) -> dict:
-        c = self.cfg
-        return {"name": c.name, "dataset": "synthetic (VOC layout)" if c.data.synthetic.enabled else c.data.dataset,
-                "task": self.task.name, "setting": c.data.setting, "method": self.switches.describe(),
-                "architecture": f"{c.model.architecture} {c.model.backbone}", "checkpoint_policy":
-                c.train.checkpoint_policy, "eval_mode": c.data.eval_mode, "crop_size": c.data.crop_size,
-                "processes": self.ctx.world_size}
+        cfg = self.cfg
+        return {"name": cfg.name,
+                "dataset": "synthetic (VOC layout)" if cfg.data.synthetic.enabled else cfg.data.dataset,
+                "task": self.task.name, "setting": cfg.data.setting, "method": self.switches.describe(),
+                "architecture": f"{cfg.model.architecture} {cfg.model.backbone}",
+                "checkpoint_policy": cfg.train.checkpoint_policy, "eval_mode": cfg.data.eval_mode,
+                "crop_size": cfg.data.crop_size, "processes": self.ctx.world_size}
 
     def previous_results(self) -> list[dict]:
         """Metrics of steps finished before start_step (from their checkpoints), so results.json stays whole."""
@@ -169,153 +247,6 @@ class IncrementalTrainer:
             if path.exists():
                 results.append(ckpt.load(path)["metrics"])
         return results
-
-    def model_for_step(self, step: int) -> nn.Module:
-        return build_model(self.cfg.model, self.task.classes_per_step[: step + 1], self.cfg.data.crop_size)
-
-    def load_previous(self, step: int) -> tuple[nn.Module, nn.Module]:
-        """The step's model initialised from step-1's checkpoint, and the frozen old model."""
-        previous = ckpt.step_checkpoint(self.run_dir, step - 1)
-        if not previous.exists():
-            raise FileNotFoundError(f"step {step} starts from the checkpoint of step {step - 1}, but "
-                                    f"{previous} does not exist: run step {step - 1} first (start_step)")
-        state = ckpt.load(previous)["model"]
-        old_model = self.model_for_step(step - 1)
-        ckpt.load_model_weights(old_model, state, str(previous))
-        model = self.model_for_step(step)
-        new_keys = tuple(sorted(set(model.state_dict()) - set(old_model.state_dict())))
-        ckpt.load_model_weights(model, state, str(previous), allowed_missing_prefixes=new_keys)
-        return model, old_model
-
-    def optimizer_for(self, model: nn.Module, step: int, total_iterations: int):
-        t = self.cfg.train
-        lr = t.lr if step == 0 else t.lr_incremental
-        groups = model.parameter_groups()
-        optimizer = torch.optim.SGD(
-            [{"params": groups["backbone"], "lr": lr}, {"params": groups["head"], "lr": lr * t.head_lr_multiplier}],
-            lr=lr, momentum=t.momentum, nesterov=t.nesterov, weight_decay=t.weight_decay)
-        if t.lr_schedule == "poly":
-            def factor(i: int) -> float:
-                return max(0.0, 1.0 - i / total_iterations) ** t.poly_power
-        else:
-            def factor(i: int) -> float:
-                return 1.0
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return optimizer, scheduler
-
-    def run_step(self, step: int) -> dict:
-        final_path = ckpt.step_checkpoint(self.run_dir, step)
-        partial = ckpt.partial_checkpoint(self.run_dir, step)
-        if final_path.exists():
-            self.log.info("step %d is finished (%s): not retraining it", step, final_path)
-            if self.ctx.is_main:
-                # Left when a run was killed between writing the step's checkpoint and removing these.
-                for leftover in (partial, ckpt.best_checkpoint(self.run_dir, step)):
-                    if leftover.exists():
-                        self.log.info("removing %s (the step is finished)", leftover)
-                        ckpt.remove_if_exists(leftover)
-            return ckpt.load(final_path)["metrics"]
-        cfg, ctx, t = self.cfg, self.ctx, self.cfg.train
-        tag = f"step{step}"
-        seed_everything(cfg.seed * 1000 + step * 10 + ctx.rank)
-        num_old = sum(self.task.classes_per_step[:step])
-        method = build_method(cfg.method, num_old, sum(self.task.classes_per_step[: step + 1]))
-
-        if step == 0:
-            model, old_model = self.model_for_step(0), None
-        else:
-            model, old_model = self.load_previous(step)
-            method.prepare_model(model)
-            if not method.needs_old_model:
-                old_model = None
-        if old_model is not None:
-            old_model.eval().requires_grad_(False).to(ctx.device)
-        model.to(ctx.device)
-
-        train_set = train_dataset(self.task, step, cfg.data.root, cfg.data.setting == "disjoint",
-                                  train_transforms(cfg.data.base_size, cfg.data.crop_size, cfg.data.scale_range),
-                                  cfg.data.class_lists, cfg.data.cache_dir, progress=ctx.is_main)
-        epochs = t.epochs if step == 0 or t.epochs_incremental is None else t.epochs_incremental
-        per_epoch = iterations_per_epoch(len(train_set), t.batch_size)
-        total = epochs * per_epoch if t.max_iters_per_step is None else min(epochs * per_epoch, t.max_iters_per_step)
-        optimizer, scheduler = self.optimizer_for(model, step, total)
-        scaler = torch.amp.GradScaler("cuda") if ctx.device.type == "cuda" and t.amp == "fp16" else None
-
-        state = TrainState()
-        if partial.exists() and self.resume:
-            saved = ckpt.load(partial, ctx.device)
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            scheduler.load_state_dict(saved["scheduler"])
-            if scaler is not None and saved.get("scaler"):
-                scaler.load_state_dict(saved["scaler"])
-            state = TrainState(**saved["state"])
-            random_states = saved.get("random_states") or []
-            if len(random_states) == ctx.world_size:
-                set_random_state(random_states[ctx.rank], ctx.device)
-            else:
-                self.log.warning("%s holds the random state of %d processes, this run has %d: the rest of the "
-                                 "step draws other dropout masks than an uninterrupted run would", partial,
-                                 len(random_states), ctx.world_size)
-            self.log.info("step %d: resuming from %s (epoch %d, iteration %d)", step, partial,
-                          state.epoch + 1, state.iteration)
-
-        train_model: nn.Module = model
-        if ctx.distributed:
-            if ctx.device.type == "cuda":
-                train_model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            device_ids = [ctx.device.index] if ctx.device.type == "cuda" else None
-            train_model = DistributedDataParallel(train_model, device_ids=device_ids)
-        self.log.info("step %d: %d classes (%d new), %d training images, %d epochs x %d iterations (%d total), "
-                      "batch %d (%d per process x %d processes)", step, method.num_classes,
-                      method.num_classes - num_old, len(train_set), epochs, per_epoch, total, t.batch_size,
-                      t.batch_size // ctx.world_size, ctx.world_size)
-
-        def save_partial(current: TrainState) -> None:
-            # every rank's generator state (dropout draws), so a resumed step continues bit for bit
-            random_states = all_gather_object(random_state(ctx.device))
-            if ctx.is_main:
-                ckpt.save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                  "scheduler": scheduler.state_dict(),
-                                  "scaler": scaler.state_dict() if scaler is not None else None,
-                                  "state": vars(copy.deepcopy(current)), "random_states": random_states}, partial)
-
-        def on_iteration(current: TrainState) -> None:
-            if t.checkpoint_interval > 0 and current.iteration % t.checkpoint_interval == 0:
-                save_partial(current)
-
-        started = time.time()
-        selection = self.selection_loader(step) if t.val_interval > 0 else None
-        while state.epoch < epochs and state.iteration < total:
-            loader = train_loader(train_set, t.batch_size, ctx, cfg.seed * 1000 + step, state.epoch,
-                                  cfg.data.num_workers, skip_batches=state.batch_in_epoch)
-            train_one_epoch(train_model, old_model, method, loader, optimizer, scheduler, scaler, ctx, t.amp,
-                            state, total, self.writer, tag, t.log_interval, t.image_log_interval, on_iteration)
-            finished_epoch = state.batch_in_epoch >= per_epoch
-            if finished_epoch:
-                state.epoch += 1
-                state.batch_in_epoch = 0
-            if selection is not None and (state.epoch % t.val_interval == 0 or state.iteration >= total):
-                self.validate_during_step(model, selection, step, state)
-            save_partial(state)
-        self.log.info("step %d: trained %d iterations in %.1f s", step, state.iteration, time.time() - started)
-
-        kept = "last"
-        if t.checkpoint_policy == "best" and state.best_epoch is not None:
-            best = ckpt.load(ckpt.best_checkpoint(self.run_dir, step), ctx.device)
-            model.load_state_dict(best["model"])
-            kept = f"best (epoch {state.best_epoch}, new-class mIoU {state.best_score:.4f} on val)"
-        metrics = self.test(model, step)
-        metrics.update({"checkpoint": kept, "iterations": state.iteration, "validation_history": state.history})
-        if ctx.is_main:
-            ckpt.save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                              "scaler": scaler.state_dict() if scaler is not None else None,
-                              "config": config_to_dict(cfg), "metrics": metrics, "step": step,
-                              "task": [list(s) for s in self.task.steps]}, final_path)
-            ckpt.remove_if_exists(partial)
-            ckpt.remove_if_exists(ckpt.best_checkpoint(self.run_dir, step))
-        barrier()
-        return metrics
 
     # ------------------------------------------------------------ evaluation
     def test_loader(self, step: int, only_classes: Optional[list[int]] = None):
@@ -332,22 +263,22 @@ class IncrementalTrainer:
         new = [c for c in self.task.steps[step] if c != 0] if step > 0 else None
         return self.test_loader(step, only_classes=new)
 
-    def summarize(self, matrix, step: int) -> dict:
-        seen = self.task.channels_seen(step)
-        old = self.task.channels_of_step(0)
-        new = [k for k in seen if k not in old]
-        summary = summarize(matrix.matrix[: len(seen), : len(seen)], old, new, self.names[: len(seen)],
-                            ignore_background=self.cfg.data.dataset == "ade")
+    def step_summary(self, matrix: ConfusionMatrix, step: int) -> dict:
+        evaluated = self.task.evaluated_channels(step)
+        first_new = self.task.num_channels(0)
+        summary = summarize(matrix.matrix, [k for k in evaluated if k < first_new],
+                            [k for k in evaluated if k >= first_new], self.names[: self.task.num_channels(step)])
         summary["step"] = step
         summary["step_classes"] = [self.names[k] for k in self.task.channels_of_step(step)]
         return summary
 
-    def validate_during_step(self, model: nn.Module, loader, step: int, state: TrainState) -> None:
-        matrix = evaluate(model, loader, sum(self.task.classes_per_step[: step + 1]), self.ctx, self.cfg.train.amp,
+    def validate_during_step(self, run: StepRun, loader) -> None:
+        step, state = run.step, run.state
+        matrix = evaluate(run.model, loader, self.task.num_channels(step), self.ctx, self.cfg.train.amp,
                           f"step{step} val")
-        summary = self.summarize(matrix, step)
-        step_channels = self.task.channels_of_step(step)
-        ious = [summary["iou"][self.names[k]] for k in step_channels if self.names[k] != "other"]
+        summary = self.step_summary(matrix, step)
+        evaluated = set(self.task.evaluated_channels(step))
+        ious = [summary["iou"][self.names[k]] for k in self.task.channels_of_step(step) if k in evaluated]
         ious = [v for v in ious if v is not None]
         score = float(np.mean(ious)) if ious else 0.0
         self.writer.scalars({"val/miou_step_classes": score, "val/miou_all": summary["miou_all"],
@@ -358,16 +289,16 @@ class IncrementalTrainer:
         if self.cfg.train.checkpoint_policy == "best" and (state.best_score is None or score > state.best_score):
             state.best_score, state.best_epoch = score, state.epoch
             if self.ctx.is_main:
-                ckpt.save_atomic({"model": model.state_dict(), "epoch": state.epoch, "score": score},
+                ckpt.save_atomic({"model": run.model.state_dict(), "epoch": state.epoch, "score": score},
                                  ckpt.best_checkpoint(self.run_dir, step))
         barrier()
-        model.train()
+        run.train_model.train()
 
     def test(self, model: nn.Module, step: int) -> dict:
         """The spec's evaluation at step t: the whole validation set, classes seen so far."""
-        matrix = evaluate(model, self.test_loader(step), sum(self.task.classes_per_step[: step + 1]), self.ctx,
+        matrix = evaluate(model, self.test_loader(step), self.task.num_channels(step), self.ctx,
                           self.cfg.train.amp, f"step{step} test")
-        summary = self.summarize(matrix, step)
+        summary = self.step_summary(matrix, step)
         fmt = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
         self.log.info("step %d test: mIoU old %s | new %s | all %s (old without background %s)", step,
                       fmt(summary["miou_old"]), fmt(summary["miou_new"]), fmt(summary["miou_all"]),
@@ -382,19 +313,11 @@ class IncrementalTrainer:
             raise ConfigError(f"--step {step} is outside task {self.task.name} (steps 0..{self.task.num_steps - 1})")
         path = ckpt.step_checkpoint(self.run_dir, step)
         if not path.is_file():
-            raise FileNotFoundError(f"step {step} has no finished checkpoint: {path} does not exist "
-                                    f"(is {self.run_dir} the run folder, and has it finished step {step}?)")
+            raise ckpt.CheckpointError(f"step {step} has no finished checkpoint: {path} does not exist "
+                                       f"(is {self.run_dir} the run folder, and has it finished step {step}?)")
         saved = ckpt.load(path, "cpu")
         model = self.model_for_step(step)
         ckpt.load_model_weights(model, saved["model"], str(path))
         model.to(self.ctx.device)
         run_on_main(self.ctx, self.ensure_synthetic_data)
         return self.test(model, step)
-
-    def ensure_synthetic_data(self) -> None:
-        """Generate the built-in synthetic dataset at data.root if the config asks for it and it is absent."""
-        if self.cfg.data.synthetic.enabled:
-            from datasets.synthetic import ensure_synthetic
-            s = self.cfg.data.synthetic
-            ensure_synthetic(self.cfg.data.root, num_train=s.num_train, num_val=s.num_val,
-                             image_size=s.image_size, seed=s.seed)

@@ -1,8 +1,11 @@
-"""DataLoaders whose batches are a pure function of (seed, step, epoch), so a run can
-resume in the middle of an epoch and see the remaining batches exactly as an
+"""DataLoaders whose batches are a pure function of (seed, epoch, iteration), so a run can
+resume in the middle of a step and see the remaining batches exactly as an
 uninterrupted run would: the same samples in the same order, and the same random
 augmentation of each (every sample's augmentation is drawn from its own seed,
 so it depends neither on where a run was resumed nor on the number of workers).
+
+One training loader serves a whole step (its workers start once per step, not once
+per epoch); it yields the batches of iterations ``start_iteration .. total - 1``.
 """
 from __future__ import annotations
 
@@ -12,38 +15,49 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from utils.config import batch_per_process
 from utils.distributed import DistContext
 
 
-class EpochSampler(Sampler[int]):
-    """Exactly ``iterations`` batches per epoch for this rank, drawn from shuffled passes
-    over the dataset (a dataset smaller than one global batch is cycled, never dropped).
+class StepSampler(Sampler[tuple[int, int]]):
+    """This rank's samples for iterations ``start_iteration .. total_iterations - 1`` of a step.
 
-    The global order for epoch ``e`` is fixed by ``seed`` and ``e``; batch ``i`` of every
-    rank comes from the same slice of it, so ranks never see the same sample in a batch.
+    Epoch ``e`` has ``iterations_per_epoch`` global batches drawn from shuffled passes over the
+    dataset (a dataset smaller than one global batch is cycled, never dropped); its global order is
+    fixed by ``seed`` and ``e``. Batch ``i`` of every rank comes from the same slice of it, so ranks
+    never see the same sample in a batch.
     """
 
-    def __init__(self, size: int, batch_per_rank: int, iterations: int, ctx: DistContext,
-                 seed: int, epoch: int, skip_batches: int = 0):
-        self.size, self.batch_per_rank, self.iterations = size, batch_per_rank, iterations
+    def __init__(self, size: int, batch_per_rank: int, iterations_per_epoch: int, total_iterations: int,
+                 ctx: DistContext, seed: int, start_iteration: int = 0):
+        self.size, self.batch_per_rank = size, batch_per_rank
+        self.iterations_per_epoch, self.total_iterations = iterations_per_epoch, total_iterations
         self.rank, self.world_size = ctx.rank, ctx.world_size
-        self.seed, self.epoch, self.skip_batches = seed, epoch, skip_batches
+        self.seed, self.start_iteration = seed, start_iteration
 
-    def __iter__(self):
-        """Yields ``(dataset index, augmentation seed)`` pairs (read by :class:`SeededSamples`)."""
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        needed = self.iterations * self.batch_per_rank * self.world_size
+    def epoch_samples(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(iterations_per_epoch, batch_per_rank) dataset indices and augmentation seeds of this rank."""
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+        needed = self.iterations_per_epoch * self.batch_per_rank * self.world_size
         passes = -(-needed // self.size)
         order = torch.cat([torch.randperm(self.size, generator=generator) for _ in range(passes)])[:needed]
         # a sample's seed is fixed by its place in the epoch's global order
-        seeds = (self.seed * 1_000_003 + self.epoch) * 10_000_019 + torch.arange(needed)
-        shape = (self.iterations, self.world_size, self.batch_per_rank)
-        mine = order.view(shape)[:, self.rank][self.skip_batches:].reshape(-1)
-        my_seeds = seeds.view(shape)[:, self.rank][self.skip_batches:].reshape(-1) % 2**62
-        return iter(zip(mine.tolist(), my_seeds.tolist()))
+        seeds = (self.seed * 1_000_003 + epoch) * 10_000_019 + torch.arange(needed)
+        shape = (self.iterations_per_epoch, self.world_size, self.batch_per_rank)
+        return order.view(shape)[:, self.rank], seeds.view(shape)[:, self.rank] % 2**62
+
+    def __iter__(self):
+        """Yields ``(dataset index, augmentation seed)`` pairs (read by :class:`SeededSamples`)."""
+        epoch = None
+        for iteration in range(self.start_iteration, self.total_iterations):
+            if iteration // self.iterations_per_epoch != epoch:
+                epoch = iteration // self.iterations_per_epoch
+                indices, seeds = self.epoch_samples(epoch)
+            batch = iteration % self.iterations_per_epoch
+            yield from zip(indices[batch].tolist(), seeds[batch].tolist())
 
     def __len__(self) -> int:
-        return (self.iterations - self.skip_batches) * self.batch_per_rank
+        return (self.total_iterations - self.start_iteration) * self.batch_per_rank
 
 
 class SeededSamples(Dataset):
@@ -92,17 +106,16 @@ def iterations_per_epoch(dataset_size: int, global_batch: int) -> int:
     return max(1, dataset_size // global_batch)
 
 
-def train_loader(dataset: Dataset, global_batch: int, ctx: DistContext, seed: int, epoch: int,
-                 num_workers: int, skip_batches: int = 0) -> DataLoader:
-    if global_batch % ctx.world_size:
-        raise ValueError(f"train.batch_size={global_batch} is not divisible by the {ctx.world_size} processes")
-    per_rank = global_batch // ctx.world_size
-    iterations = iterations_per_epoch(len(dataset), global_batch)
-    sampler = EpochSampler(len(dataset), per_rank, iterations, ctx, seed, epoch, skip_batches)
-    generator = torch.Generator().manual_seed(seed * 7919 + epoch * 31 + ctx.rank)
+def train_loader(dataset: Dataset, global_batch: int, ctx: DistContext, seed: int, iterations_per_epoch: int,
+                 total_iterations: int, num_workers: int, start_iteration: int = 0) -> DataLoader:
+    """The batches of iterations ``start_iteration .. total_iterations - 1`` of a step, for this rank."""
+    per_rank = batch_per_process(global_batch, ctx.world_size)
+    sampler = StepSampler(len(dataset), per_rank, iterations_per_epoch, total_iterations, ctx, seed,
+                          start_iteration)
+    generator = torch.Generator().manual_seed(seed * 7919 + ctx.rank)
     return DataLoader(SeededSamples(dataset), batch_size=per_rank, sampler=sampler, num_workers=num_workers,
                       drop_last=True, pin_memory=ctx.device.type == "cuda", worker_init_fn=_seed_worker,
-                      generator=generator, persistent_workers=False)
+                      generator=generator)
 
 
 def eval_loader(dataset: Dataset, batch_size: int, ctx: DistContext, num_workers: int) -> DataLoader:

@@ -5,9 +5,9 @@ batch, the current model's output and (from step 1 on) the frozen old model's
 output, and returns its loss terms by name, already weighted; the trainer sums
 them and logs each one.
 
-``finetune`` is cross-entropy alone. ``mbs`` and ``baseline`` share one class
-(:class:`DistillationMethod`) whose switches pick, for each MBS component,
-either the MBS version or the reference baseline's counterpart (spec 2):
+One class (:class:`IncrementalMethod`) serves every method: its switches pick,
+for each MBS component, the MBS version, the reference baseline's counterpart,
+or nothing (``finetune`` is cross-entropy alone):
 
 =================  ===========================  ==============================
 component          on (MBS)                     off (baseline)
@@ -30,10 +30,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from losses import mbs as L
+import losses
+from datasets.labels import IGNORE_INDEX
 from models.base import IncrementalSegmenter, SegmentationOutput
-
-IGNORE_INDEX = 255
 
 PRESETS = {
     "mbs": dict(weight_transfer=True, pseudo_labels=True, selective_pl=True, feature_distill=True, afd=True,
@@ -93,7 +92,7 @@ def resize_labels(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(labels[:, None].float(), size=size, mode="nearest")[:, 0].long()
 
 
-class DistillationMethod:
+class IncrementalMethod:
     """Cross-entropy plus, from step 1 on, the switched-on MBS/baseline terms."""
 
     def __init__(self, switches: MethodSwitches, num_old: int, num_classes: int):
@@ -115,12 +114,12 @@ class DistillationMethod:
             model.transfer_background_to_new_classes()
 
     def training_labels(self, labels: torch.Tensor, old: Optional[SegmentationOutput]) -> torch.Tensor:
-        s = self.switches
-        if old is None or not s.pseudo_labels:
+        switches = self.switches
+        if old is None or not switches.pseudo_labels:
             return labels
-        if s.selective_pl:
-            return L.selective_pseudo_labels(labels, old.logits, s.pseudo_threshold, IGNORE_INDEX)
-        return L.pseudo_labels(labels, old.logits, s.pseudo_threshold)
+        if switches.selective_pl:
+            return losses.selective_pseudo_labels(labels, old.logits, switches.pseudo_threshold, IGNORE_INDEX)
+        return losses.pseudo_labels(labels, old.logits, switches.pseudo_threshold)
 
     def losses(self, labels: torch.Tensor, new: SegmentationOutput, old: Optional[SegmentationOutput],
                model: IncrementalSegmenter) -> dict[str, torch.Tensor]:
@@ -130,34 +129,35 @@ class DistillationMethod:
         new, old: outputs of the current and the frozen old model (old is None at step 0
         or when the method needs no old model).
         """
-        s = self.switches
+        switches = self.switches
         targets = self.training_labels(labels, old)
         terms = {"ce": F.cross_entropy(new.logits.float(), targets, ignore_index=IGNORE_INDEX)}
         if not self.incremental:
             return terms
-        if old is not None and s.feature_distill:
-            if s.afd:
+        if old is not None and switches.feature_distill:
+            if switches.afd:
                 low_labels = resize_labels(targets, tuple(new.features.shape[-2:]))
-                weight = L.afd_weight_map(old.logits_lowres, low_labels, self.num_old, IGNORE_INDEX)
-                feature_term = L.adaptive_feature_distillation(new.features, old.features, weight)
+                weight = losses.afd_weight_map(old.logits_lowres, low_labels, self.num_old, IGNORE_INDEX)
+                feature_term = losses.adaptive_feature_distillation(new.features, old.features, weight)
             else:
-                feature_term = L.feature_distillation(new.features, old.features)
-            terms["feature_distill"] = s.feature_distill_weight * feature_term
+                feature_term = losses.feature_distillation(new.features, old.features)
+            terms["feature_distill"] = switches.feature_distill_weight * feature_term
             if new.class_embeddings is not None and old.class_embeddings is not None:
                 # Transformer: the reference also keeps the old class tokens' decoder outputs in place.
-                terms["class_embedding_distill"] = s.class_embedding_distill_weight * F.mse_loss(
+                terms["class_embedding_distill"] = switches.class_embedding_distill_weight * F.mse_loss(
                     new.class_embeddings[:, : self.num_old].float(), old.class_embeddings.float().detach())
-        if old is not None and s.output_distill:
-            if s.lgkd:
-                output_term = L.label_guided_distillation(new.logits, old.logits, labels, IGNORE_INDEX)
+        if old is not None and switches.output_distill:
+            if switches.lgkd:
+                output_term = losses.label_guided_distillation(new.logits, old.logits, labels, IGNORE_INDEX)
             else:
-                output_term = L.knowledge_distillation(new.logits, old.logits)
-            terms["output_distill"] = s.output_distill_weight * output_term
-        if s.ortho:
+                output_term = losses.knowledge_distillation(new.logits, old.logits)
+            terms["output_distill"] = switches.output_distill_weight * output_term
+        if switches.ortho:
             new_share = (self.num_classes - self.num_old) / self.num_classes
-            terms["ortho"] = s.ortho_weight * new_share * L.orthogonal_loss(model.class_vectors(), self.num_old)
+            terms["ortho"] = switches.ortho_weight * new_share * losses.orthogonal_loss(model.class_vectors(),
+                                                                                        self.num_old)
         return terms
 
 
-def build_method(method_cfg, num_old: int, num_classes: int) -> DistillationMethod:
-    return DistillationMethod(resolve_switches(method_cfg), num_old, num_classes)
+def build_method(method_cfg, num_old: int, num_classes: int) -> IncrementalMethod:
+    return IncrementalMethod(resolve_switches(method_cfg), num_old, num_classes)

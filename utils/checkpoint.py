@@ -17,11 +17,12 @@ from typing import Any, Optional
 
 import torch
 
+from utils.errors import UserError
 from utils.files import temporary_sibling
 
 
-class CheckpointError(RuntimeError):
-    pass
+class CheckpointError(UserError):
+    """A checkpoint is missing, unreadable or does not fit the model."""
 
 
 def step_checkpoint(run_dir: Path, step: int) -> Path:
@@ -64,10 +65,6 @@ def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], s
         raise CheckpointError(
             f"checkpoint {source} does not match the model: missing {missing[:5]}, "
             f"unexpected {result.unexpected_keys[:5]}")
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if hasattr(model, "module") else model
 
 
 def remove_if_exists(path: Optional[Path]) -> None:

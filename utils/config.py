@@ -17,8 +17,10 @@ from typing import Any, Optional
 
 import yaml
 
+from utils.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A config file or override is invalid; the message names the key or file."""
 
 
@@ -225,8 +227,19 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("config key 'train.max_iters_per_step' must be positive or null")
     if cfg.start_step < 0:
         raise ConfigError("config key 'start_step' must be >= 0")
+    if cfg.train.checkpoint_policy == "best" and cfg.train.val_interval <= 0:
+        raise ConfigError("config key 'train.checkpoint_policy': best needs train.val_interval > 0 "
+                          "(it selects the weights on validation)")
     if "/" in cfg.name or cfg.name in ("", ".", ".."):
         raise ConfigError(f"config key 'name': {cfg.name!r} is not a valid run folder name")
+
+
+def batch_per_process(batch_size: int, world_size: int) -> int:
+    """``train.batch_size`` is the total over all processes: each gets an equal share."""
+    if batch_size % world_size:
+        raise ConfigError(f"train.batch_size={batch_size} is not divisible by the number of processes: it is the "
+                          f"total batch over all processes and must be divisible by their number ({world_size})")
+    return batch_size // world_size
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

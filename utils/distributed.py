@@ -78,14 +78,6 @@ def cleanup(failed: bool = False, timeout_s: float = 30.0) -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        value = value.clone()
-        dist.all_reduce(value)
-        value /= dist.get_world_size()
-    return value
-
-
 def all_gather_object(obj) -> list:
     """Every rank's ``obj``, in rank order, on every rank (``[obj]`` without a process group)."""
     if dist.is_available() and dist.is_initialized():

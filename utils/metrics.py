@@ -45,9 +45,6 @@ class ConfusionMatrix:
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(self.matrix)
 
-    def iou(self) -> list[Optional[float]]:
-        return class_iou(self.matrix)
-
 
 def class_iou(matrix: torch.Tensor) -> list[Optional[float]]:
     """IoU per class of a (C, C) confusion matrix; None where TP + FP + FN = 0."""
@@ -63,31 +60,29 @@ def mean_iou(ious: Sequence[Optional[float]], channels: Sequence[int]) -> Option
     return sum(values) / len(values) if values else None
 
 
-def summarize(matrix: torch.Tensor, old: Sequence[int], new: Sequence[int], names: Sequence[str],
-              ignore_background: bool = False) -> dict:
+def summarize(matrix: torch.Tensor, old: Sequence[int], new: Sequence[int], names: Sequence[str]) -> dict:
     """The numbers reported after a step.
 
     matrix: (C, C) confusion matrix over the C channels seen so far.
-    old: channels of step 0 (background 0 included); new: channels of steps 1..t.
+    old: the evaluated channels of step 0 (VOC's background 0 included, ADE's 0 not:
+    ``Task.evaluated_channels``); new: the evaluated channels of steps 1..t.
     names: a unique name per channel.
-    ignore_background: ADE20K, where channel 0 ("other") is not a class that is evaluated.
 
-    Returns a dict with ``iou`` (name -> IoU or None), ``miou_old`` (step-0 classes;
-    VOC with background, "0-15"), ``miou_new``, ``miou_all``, ``miou_old_no_bg`` (the
-    reference's split: old without background) and ``pixel_accuracy``.
+    Returns a dict with ``iou`` (name -> IoU or None, for the old and new channels),
+    ``miou_old`` (step-0 classes; VOC with background, "0-15"), ``miou_new``,
+    ``miou_all``, ``miou_old_no_bg`` (the reference's split: old without background)
+    and ``pixel_accuracy``.
     """
     if matrix.shape[0] != len(names) or len(set(names)) != len(names):
         raise ValueError(f"need one unique name per channel: {matrix.shape[0]} channels, names {list(names)}")
     ious = class_iou(matrix)
-    skip = {0} if ignore_background else set()
-    old_channels = [c for c in old if c not in skip]
-    new_channels = [c for c in new if c not in skip]
+    evaluated = [*old, *new]
     total = matrix.sum().item()
     return {
-        "iou": {name: value for channel, (name, value) in enumerate(zip(names, ious)) if channel not in skip},
-        "miou_old": mean_iou(ious, old_channels),
-        "miou_new": mean_iou(ious, new_channels),
-        "miou_all": mean_iou(ious, old_channels + new_channels),
-        "miou_old_no_bg": mean_iou(ious, [c for c in old_channels if c != 0]),
+        "iou": {names[channel]: ious[channel] for channel in evaluated},
+        "miou_old": mean_iou(ious, old),
+        "miou_new": mean_iou(ious, new),
+        "miou_all": mean_iou(ious, evaluated),
+        "miou_old_no_bg": mean_iou(ious, [c for c in old if c != 0]),
         "pixel_accuracy": matrix.diag().sum().item() / total if total else None,
     }

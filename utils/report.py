@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from utils.errors import UserError
 from utils.files import atomic_write_text
 
 MEAN_COLUMNS = (("miou_old", "old"), ("miou_new", "new"), ("miou_all", "all"), ("miou_old_no_bg", "old w/o bg"))
@@ -73,8 +74,8 @@ def write_results(run_dir: Path, results: list[dict], meta: dict) -> None:
     atomic_write_text(run_dir / "results.md", text)
 
 
-class ReportError(ValueError):
-    pass
+class ReportError(UserError, ValueError):
+    """A run folder holds no readable results."""
 
 
 def read_results(run_dir: Path) -> dict:

@@ -1,0 +1,13 @@
+"""The one base of every error that means "the input is wrong", not "the code is wrong".
+
+``main.py`` reports a :class:`UserError` as one line naming the key, file or folder
+at fault, and exits with code 2. Every other exception is a bug and keeps its
+traceback. Each module raises its own subclass (``ConfigError``,
+``DatasetLayoutError``, ``CheckpointError``, ...), so a caller can still tell them
+apart.
+"""
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A config value, data file, run folder, checkpoint or weights file is not what the run needs."""
