@@ -47,7 +47,7 @@ def run_options(data_root: Path, output_dir: Path, name: str, steps=STEPS_3, **t
         f"data.custom_steps={json.dumps(steps)}", "data.setting=overlapped", "data.num_workers=0",
         "model.architecture=deeplabv3", "model.backbone=resnet18", "model.pretrained=none", "model.output_stride=16",
         "model.head_channels=16", "method.name=mbs",
-        "train.batch_size=4", "train.val_batch_size=10", "train.log_interval=1", "train.val_interval=0",
+        "train.batch_size=4", "train.val_batch_size=10", "train.log_interval=1", "train.validation=off",
         "train.checkpoint_policy=last",
     ]
     # one epoch per step: 13 / 4 / 4 iterations for the default steps, capped at 3

@@ -31,7 +31,7 @@ def test_vit_configs_have_the_reference_hyperparameters():
         assert (t.lr, t.lr_schedule, t.weight_decay, t.momentum, t.nesterov) == (1e-3, "constant", 1e-5, 0.9, True)
         assert t.amp == "bf16" and t.epochs_incremental is None
         # "best" selects on validation, so it needs a validation interval (the reference: every epoch)
-        assert t.checkpoint_policy == "best" and t.val_interval == 1
+        assert t.checkpoint_policy == "best" and t.validation == "epochs" and t.val_interval == 1
         assert cfg.method.name == "mbs" and cfg.method.pseudo_threshold == 0.7
     assert (voc.train.epochs, ade.train.epochs) == (32, 64)
     assert (voc.train.batch_size, ade.train.batch_size) == (16, 8)
@@ -114,7 +114,7 @@ def vit_run(tmp_path_factory):
         "model.decoder_layers=1",
         "method.name=mbs", "train.max_iters_per_step=3", "train.batch_size=4", "train.val_batch_size=10",
         # the ViT configs' selection: best new-class mIoU, validated every epoch
-        "train.checkpoint_policy=best", "train.val_interval=1", "train.log_interval=1",
+        "train.checkpoint_policy=best", "train.validation=epochs", "train.val_interval=1", "train.log_interval=1",
     ]
     proc = subprocess.run([sys.executable, "main.py", "--config", "configs/demo.yaml", "--opt", *opts], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)

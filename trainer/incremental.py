@@ -70,7 +70,7 @@ class IncrementalTrainer:
         data = self.cfg.data
         self.ensure_synthetic_data()
         load_class_lists(data.dataset, data.root, "train", data.class_lists, data.cache_dir)
-        if self.cfg.train.val_interval > 0:  # selection_loader reads the val lists on every rank
+        if self.cfg.train.validation != "off":  # selection_loader reads the val lists on every rank
             load_class_lists(data.dataset, data.root, "val", None, data.cache_dir)
 
     def ensure_synthetic_data(self) -> None:
@@ -185,7 +185,7 @@ class IncrementalTrainer:
                       run.method.num_classes - run.method.num_old, len(train_set), plan.epochs,
                       plan.iterations_per_epoch, plan.total_iterations, batch, batch // self.ctx.world_size,
                       self.ctx.world_size)
-        selection = self.selection_loader(run.step) if train_cfg.val_interval > 0 else None
+        selection = self.selection_loader(run.step) if train_cfg.validation != "off" else None
 
         def after_iteration(run: StepRun, completed_epoch: bool) -> None:
             if completed_epoch or run.finished:

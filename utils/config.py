@@ -46,7 +46,12 @@ class DataConfig:
     crop_size: int = 512
     scale_range: list = field(default_factory=lambda: [0.5, 2.0])
     eval_mode: str = "center_crop"        # center_crop (the reference) | full (whole image, batch 1)
+    # ignore: pad a scaled image smaller than the crop only as much as the crop needs, label 255 (MiB/PLOP);
+    # reference: the MBS reference's padding, every side by int((1 + crop - side) / 2), image 0, label 0
+    crop_padding: str = "ignore"
+    skip_bad_files: bool = False          # the data preflight skips unreadable samples instead of refusing
     num_workers: int = 4
+    prefetch_factor: int = 2              # batches each loader worker prepares ahead
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
@@ -60,7 +65,15 @@ class ModelConfig:
     decoder_layers: int = 2               # Segmenter only
     decoder_heads: int = 12
     decoder_dim: int = 768
-    drop_path_rate: float = 0.1
+    # Segmenter regularisation and normalisation; the defaults are the MBS reference's values
+    encoder_dropout: float = 0.0
+    encoder_drop_path_rate: float = 0.0
+    decoder_dropout: float = 0.0
+    decoder_drop_path_rate: float = 0.1   # rises linearly from 0 over the decoder layers
+    layer_norm_eps: float = 1e-5          # every LayerNorm of encoder and decoder (timm's ViT default: 1e-6)
+    # reference: position embedding resampled bilinearly (no antialias) for other input sizes, pretrained grid
+    # resized bicubically without antialias; timm: timm's bicubic resampling with antialias for both
+    pos_embed_interpolation: str = "reference"
     backbone_overrides: dict = field(default_factory=dict)  # timm kwargs for a small ViT (tests/CPU)
 
 
@@ -107,8 +120,13 @@ class TrainConfig:
     weight_decay: float = 1e-4
     amp: str = "bf16"                          # bf16 | fp16 | none (CUDA only; CPU runs in fp32)
     max_iters_per_step: Optional[int] = None   # cap iterations per step (quick runs, tests)
-    val_interval: int = 0                      # validate every N epochs during a step (0: never)
-    checkpoint_policy: str = "last"            # last | best (best new-class mIoU on val, as the reference)
+    # validation during a step: off | epochs (every val_interval epochs) | reference (the MBS reference's
+    # cadence: whenever the iteration count is a multiple of max(100, total iterations // 10))
+    validation: str = "off"
+    val_interval: int = 1                      # epochs between validations (validation: epochs)
+    checkpoint_policy: str = "last"            # last | best (the weights that validated best, as the reference)
+    compile: bool = False                      # torch.compile the model (and the loss) for training
+    step0_checkpoint: Optional[str] = None     # reuse a finished step 0: a step0.pt path, or auto (same family)
     checkpoint_interval: int = 500             # in-step checkpoint every N iterations (0: never)
     log_interval: int = 10                     # iterations between tensorboard scalars
     image_log_interval: int = 0                # iterations between tensorboard images (0: once per epoch)
@@ -136,6 +154,9 @@ CHOICES = {
     "data.dataset": {"voc", "ade"},
     "data.setting": {"overlapped", "disjoint"},
     "data.eval_mode": {"center_crop", "full"},
+    "data.crop_padding": {"ignore", "reference"},
+    "model.pos_embed_interpolation": {"reference", "timm"},
+    "train.validation": {"off", "epochs", "reference"},
     "model.architecture": {"deeplabv3", "segmenter"},
     "method.name": {"mbs", "baseline", "finetune"},
     "train.lr_schedule": {"poly", "constant"},
@@ -227,8 +248,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("config key 'train.max_iters_per_step' must be positive or null")
     if cfg.start_step < 0:
         raise ConfigError("config key 'start_step' must be >= 0")
-    if cfg.train.checkpoint_policy == "best" and cfg.train.val_interval <= 0:
-        raise ConfigError("config key 'train.checkpoint_policy': best needs train.val_interval > 0 "
+    if cfg.train.checkpoint_policy == "best" and cfg.train.validation == "off":
+        raise ConfigError("config key 'train.checkpoint_policy': best needs train.validation epochs or reference "
                           "(it selects the weights on validation)")
     if "/" in cfg.name or cfg.name in ("", ".", ".."):
         raise ConfigError(f"config key 'name': {cfg.name!r} is not a valid run folder name")
