@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from utils.config import ConfigError, load_config
-from utils.errors import UserError
+from utils.errors import RunInterrupted, UserError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -61,6 +61,10 @@ def main(argv=None) -> int:
             # Anything else is a bug and keeps its traceback.
             log.error("%s: %s", type(err).__name__, err)
             return 2
+        except RunInterrupted as stop:  # every rank stopped after the same iteration, its work saved
+            failed = False
+            log.error("%s; run the same command with --resume to continue from there", stop)
+            return 128 + stop.signum
         failed = False
     finally:
         cleanup(failed)

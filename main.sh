@@ -10,7 +10,9 @@
 # Environment: GPUS (processes per node, default 1), VOC_ROOT / ADE_ROOT (data roots,
 # default data), OUT (runs folder, default runs), METHOD (mbs | baseline | finetune),
 # EXTRA (more --opt overrides, e.g. "train.amp=fp16"). Every run is launched with
-# --resume, so re-running main.sh after an interruption continues where it stopped.
+# --resume, so re-running main.sh after an interruption continues where it stopped, and with
+# train.step0_checkpoint=auto: tasks (and methods) that share step 0 train it once; the
+# families run one after the other (15-1 then 15-5; 100-50, 100-10, 100-5).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -24,7 +26,7 @@ EXTRA=${EXTRA:-}
 DRY_RUN=${DRY_RUN:-0}
 PYTHON=${PYTHON:-python}
 
-VOC_TASKS="15-1 10-1 15-5 19-1 5-3 2-2"
+VOC_TASKS="15-1 15-5 10-1 19-1 5-3 2-2"
 ADE_TASKS="100-50 100-10 100-5 50-50"
 run_dirs=()
 
@@ -37,7 +39,8 @@ launch() {  # config name overrides...
   else
     cmd=("$PYTHON" main.py)
   fi
-  cmd+=(--config "$config" --resume --opt "name=$name" "output_dir=$OUT" "method.name=$METHOD" "$@")
+  cmd+=(--config "$config" --resume --opt "name=$name" "output_dir=$OUT" "method.name=$METHOD"
+        "train.step0_checkpoint=auto" "$@")
   # shellcheck disable=SC2206
   [ -n "$EXTRA" ] && cmd+=($EXTRA)
   echo "+ ${cmd[*]}"

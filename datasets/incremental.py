@@ -20,7 +20,7 @@ from utils.errors import UserError
 from .class_lists import load_class_lists
 from .labels import label_lookup
 from .layout import SplitFiles, split_files
-from .splits import step_image_ids
+from .splits import selection_image_ids, step_image_ids
 from .tasks import Task
 
 
@@ -85,3 +85,12 @@ def val_dataset(task: Task, step: int, root: str, transform: Callable, only_clas
         wanted = frozenset(only_classes)
         ids = [i for i in ids if lists[i] & wanted]
     return IncrementalSegmentation(files, ids, label_lookup(task, step, "val"), transform)
+
+
+def selection_dataset(task: Task, step: int, root: str, transform: Callable, cache_dir: Optional[str] = None,
+                      progress: bool = True) -> IncrementalSegmentation:
+    """What the reference validates on to keep its "best" weights at ``step``: the val images showing a class
+    of the step, labelled with the step's classes only (everything else background)."""
+    files, lists = load_class_lists(task.dataset, root, "val", None, cache_dir, progress)
+    ids = selection_image_ids(lists, task, step, files.ids)
+    return IncrementalSegmentation(files, ids, label_lookup(task, step, "selection"), transform)

@@ -1,7 +1,8 @@
 """Label values: the ignore label, how a step rewrites a label map, and the name of every class.
 
 Training labels at step t keep only the step's classes (mapped to their output
-channel); every other class, old or future, becomes background (0). Validation
+channel); every other class, old or future, becomes background (0); the labels
+the reference selects its "best" weights on follow the same rule. Validation
 labels keep every class seen so far and ignore the rest, and the labels a dataset
 never scores (ADE20K's 0, "other"; see ``datasets.tasks.UNEVALUATED_LABELS``).
 255 is ignore everywhere. Maps are rewritten with a 256-entry lookup table, so
@@ -24,10 +25,11 @@ VOC_CLASS_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle
 
 
 def label_lookup(task: Task, step: int, split: str) -> np.ndarray:
-    """256-entry table mapping dataset label values to the labels the model sees at ``step``."""
+    """256-entry table mapping dataset label values to the labels of ``split`` at ``step``: ``train``
+    (and ``selection``, the reference's validation for "best": the same rule), or ``val`` (the test)."""
     task.check_step(step)
     channel_of = {c: k for k, c in enumerate(task.order)}
-    if split == "train":
+    if split in ("train", "selection"):
         table = np.zeros(256, dtype=np.uint8)              # old and future classes -> background
         for c in task.steps[step]:
             table[c] = channel_of[c]
@@ -38,7 +40,7 @@ def label_lookup(task: Task, step: int, split: str) -> np.ndarray:
         for c in UNEVALUATED_LABELS[task.dataset]:
             table[c] = IGNORE_INDEX
     else:
-        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        raise ValueError(f"split must be 'train', 'selection' or 'val', got {split!r}")
     table[IGNORE_INDEX] = IGNORE_INDEX
     return table
 

@@ -37,6 +37,14 @@ def step_image_ids(class_lists: ClassLists, task: Task, step: int, disjoint: boo
     return selected
 
 
+def selection_image_ids(class_lists: ClassLists, task: Task, step: int, ids: Iterable[str]) -> list[str]:
+    """Validation ids the reference selects its "best" weights on at ``step``: the images showing at least
+    one class of the step (background aside), at step 0 too."""
+    task.check_step(step)
+    wanted = frozenset(task.steps[step]) - {0}
+    return [image_id for image_id in ids if class_lists[image_id] & wanted]
+
+
 def split_summary(class_lists: ClassLists, task: Task, disjoint: bool) -> dict:
     return {
         "dataset": task.dataset,

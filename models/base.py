@@ -43,6 +43,9 @@ class SegmentationOutput:
 class IncrementalSegmenter(nn.Module):
     """Base class: keeps the per-step class counts; subclasses build the network."""
 
+    # Convolutional networks run faster on GPUs with NHWC tensors (torch.channels_last).
+    prefers_channels_last = False
+
     def __init__(self, classes_per_step: list[int]):
         super().__init__()
         if not classes_per_step or any(int(n) < 1 for n in classes_per_step):

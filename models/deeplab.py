@@ -18,6 +18,8 @@ from .base import IncrementalSegmenter, SegmentationOutput
 
 
 class DeepLabV3(IncrementalSegmenter):
+    prefers_channels_last = True
+
     def __init__(self, classes_per_step: list[int], backbone: str = "resnet101", pretrained: str = "imagenet",
                  output_stride: int = 16, head_channels: int = 256):
         super().__init__(classes_per_step)

@@ -47,7 +47,7 @@ def run_options(data_root: Path, output_dir: Path, name: str, steps=STEPS_3, **t
         f"data.custom_steps={json.dumps(steps)}", "data.setting=overlapped", "data.num_workers=0",
         "model.architecture=deeplabv3", "model.backbone=resnet18", "model.pretrained=none", "model.output_stride=16",
         "model.head_channels=16", "method.name=mbs",
-        "train.batch_size=4", "train.val_batch_size=10", "train.log_interval=1", "train.validation=off",
+        "train.batch_size=4", "train.val_batch_size=10", "train.log_interval=1", "train.validation=none",
         "train.checkpoint_policy=last",
     ]
     # one epoch per step: 13 / 4 / 4 iterations for the default steps, capped at 3
@@ -509,3 +509,134 @@ def test_a_bug_keeps_its_traceback(data_root, runs_dir, monkeypatch, capsys):
     monkeypatch.setattr(IncrementalTrainer, "run", shape_bug)
     with pytest.raises(ValueError, match="do not match logits"):
         run_in_process(main_argv(run_options(data_root, runs_dir, "bug")), capsys)
+
+
+# ------------------------------------------------------------------ 6. SIGTERM / SIGINT: stop, save, resume
+def test_sigterm_mid_step_saves_and_resume_redoes_nothing(data_root, runs_dir):
+    """Pre-emption sends SIGTERM to every process of the job (loader workers too): the run finishes the
+    iteration, writes the in-step checkpoint, exits 143 with one line saying how to resume; the resumed run
+    trains only the iterations left and ends bit-identical to an uninterrupted run."""
+    steps = [[0, 1], [2], list(range(3, 21))]
+    total = 30  # step 2: 15 iterations per epoch, 2 epochs
+    options = run_options(data_root, runs_dir, "sigterm", steps=steps, epochs=1, epochs_incremental=2,
+                          max_iters_per_step=total, checkpoint_interval=100) + ["data.num_workers=1"]
+    run_dir = runs_dir / "sigterm"
+    first_log = run_dir.parent / "sigterm_first_session.txt"
+    with open(first_log, "w") as output:
+        process = subprocess.Popen(main_command(options), cwd=ROOT, env=subprocess_env(), stdout=output,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + RUN_TIMEOUT
+            while "step2 epoch 1:  10%" not in first_log.read_text(errors="replace"):  # 3 of 30 done
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"the run never reached step 2 iteration 3:\n{first_log.read_text()[-3000:]}")
+                time.sleep(0.02)
+            os.killpg(process.pid, signal.SIGTERM)  # the whole process group, as a scheduler does
+            code = process.wait(timeout=RUN_TIMEOUT)
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    text = first_log.read_text(errors="replace")
+    assert code == 128 + signal.SIGTERM, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    lines = [line for line in text.splitlines() if " ERROR " in line]
+    assert len(lines) == 1 and "SIGTERM received: stopped after iteration" in lines[0] and "--resume" in lines[0]
+    stopped_at = int(lines[0].split("stopped after iteration ")[1].split()[0])
+    partial = run_dir / "checkpoints" / "step2_partial.pt"
+    saved = torch.load(partial, map_location="cpu", weights_only=False)
+    assert saved["train_state"]["iteration"] == stopped_at and 3 <= stopped_at < total
+    assert not (run_dir / "checkpoints" / "step2.pt").exists()
+
+    events_before = event_files(run_dir)
+    result = run(main_command(options, "--resume"))
+    assert result.returncode == 0, describe(result)
+    assert f"step 2: resuming from {partial} (epoch 1, iteration {stopped_at})" in result.stdout, describe(result)
+    new_events = event_files(run_dir) - events_before
+    tags = scalars(next(iter(new_events)))
+    assert tags["step2/loss/total"] == list(range(stopped_at + 1, total + 1))  # no iteration done twice
+
+    reference = run(main_command(run_options(data_root, runs_dir, "sigterm_reference", steps=steps, epochs=1,
+                                             epochs_incremental=2, max_iters_per_step=total,
+                                             checkpoint_interval=100) + ["data.num_workers=1"]))
+    assert reference.returncode == 0, describe(reference)
+    resumed = torch.load(run_dir / "checkpoints" / "step2.pt", map_location="cpu", weights_only=False)["model"]
+    uninterrupted = torch.load(runs_dir / "sigterm_reference" / "checkpoints" / "step2.pt", map_location="cpu",
+                               weights_only=False)["model"]
+    for key, value in uninterrupted.items():
+        assert torch.equal(resumed[key], value), f"{key} differs from the uninterrupted run's"
+
+
+def _agree_on_stop(rank: int, world_size: int, port: int, results) -> None:
+    import torch.distributed as dist
+
+    from utils.distributed import StopRequest
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        with StopRequest() as stop:
+            first = stop.agreed()           # nobody was signalled yet
+            if rank == 1:
+                os.kill(os.getpid(), signal.SIGTERM)   # only rank 1 is signalled
+                time.sleep(0.1)             # let Python run the handler
+            second = stop.agreed()
+        results[rank] = (first, second, stop.signum)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_agree_on_a_stop_signal_any_rank_received():
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    manager = mp.Manager()
+    results = manager.dict()
+    mp.spawn(_agree_on_stop, args=(2, port, results), nprocs=2, join=True)
+    assert dict(results) == {0: (False, True, signal.SIGTERM), 1: (False, True, signal.SIGTERM)}
+
+
+# ------------------------------------------------------------------ 7. step 0 trained once per family
+def test_second_task_reuses_the_first_tasks_step0(finished_run, data_root, runs_dir, capsys):
+    """e2e (15 + 3 + 3 classes, MBS) finished step 0; a 15 + 6 task of another method has the same step 0
+    (same classes, images, model, recipe and seed; step 0 is cross-entropy alone for every method)."""
+    source = finished_run[0] / "checkpoints" / "step0.pt"
+    steps = [list(range(15)), list(range(15, 21))]
+    options = run_options(data_root, runs_dir, "reuse", steps=steps) + ["method.name=finetune",
+                                                                         "train.step0_checkpoint=auto"]
+    result = run_in_process(main_argv(options), capsys)
+    assert result.returncode == 0, describe(result)
+    assert f"step 0: reusing {source}" in result.stdout and "step 0: trained" not in result.stdout
+    assert "step 1: trained" in result.stdout
+    reused = torch.load(runs_dir / "reuse" / "checkpoints" / "step0.pt", map_location="cpu", weights_only=False)
+    original = torch.load(source, map_location="cpu", weights_only=False)
+    assert reused["model"].keys() == original["model"].keys()
+    assert all(torch.equal(reused["model"][k], v) for k, v in original["model"].items())
+    assert reused["step0_recipe_hash"] == original["step0_recipe_hash"]
+    step0 = json.loads((runs_dir / "reuse" / "results.json").read_text())["steps"][0]
+    assert step0["reused_from"] == str(source) and f"reused from {source}" in step0["checkpoint"]
+    assert step0["miou_all"] == original["metrics"]["miou_all"]  # the same weights on the same val images
+
+    # another step-0 recipe (a learning rate) is refused by name when the checkpoint is named explicitly
+    changed = run_options(data_root, runs_dir, "reuse_changed", steps=steps) + [
+        "train.lr=0.123", f"train.step0_checkpoint={source}"]
+    line = assert_clean_user_error(run_in_process(main_argv(changed), capsys))
+    assert "train.lr: 0.123 here vs" in line and str(source) in line
+    assert not (runs_dir / "reuse_changed" / "checkpoints").exists()
+
+
+def test_auto_reuse_skips_other_recipes(finished_run, data_root, runs_dir):
+    from datasets.tasks import get_task
+    from trainer.step0_reuse import find_reusable_step0
+    from utils.config import load_config
+    base = run_options(data_root, runs_dir, "probe") + ["train.step0_checkpoint=auto"]
+    task = get_task("voc", "probe", [list(range(15)), list(range(15, 21))])
+    same = load_config(ROOT / "configs/demo.yaml", base)
+    assert find_reusable_step0(same, task, runs_dir / "probe") == finished_run[0] / "checkpoints" / "step0.pt"
+    for change in ("seed=1", "data.setting=disjoint", "model.head_channels=8", "train.epochs=2"):
+        other = load_config(ROOT / "configs/demo.yaml", base + [change])
+        assert find_reusable_step0(other, task, runs_dir / "probe") is None, change
+    other_classes = get_task("voc", "probe", [list(range(14)), list(range(14, 21))])
+    assert find_reusable_step0(same, other_classes, runs_dir / "probe") is None

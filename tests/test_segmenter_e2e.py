@@ -29,9 +29,9 @@ def test_vit_configs_have_the_reference_hyperparameters():
         assert (m.decoder_layers, m.decoder_heads, m.decoder_dim) == (2, 12, 768)
         assert cfg.data.crop_size == cfg.data.base_size == 512 and cfg.data.scale_range == [0.5, 2.0]
         assert (t.lr, t.lr_schedule, t.weight_decay, t.momentum, t.nesterov) == (1e-3, "constant", 1e-5, 0.9, True)
-        assert t.amp == "bf16" and t.epochs_incremental is None
-        # "best" selects on validation, so it needs a validation interval (the reference: every epoch)
-        assert t.checkpoint_policy == "best" and t.validation == "epochs" and t.val_interval == 1
+        assert t.amp == "fp16" and t.epochs_incremental is None  # the reference: fp16 autocast + GradScaler
+        # "best" selects on validation, at the reference's cadence
+        assert t.checkpoint_policy == "best" and t.validation == "reference"
         assert cfg.method.name == "mbs" and cfg.method.pseudo_threshold == 0.7
     assert (voc.train.epochs, ade.train.epochs) == (32, 64)
     assert (voc.train.batch_size, ade.train.batch_size) == (16, 8)

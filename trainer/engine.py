@@ -27,10 +27,13 @@ class StepLogger:
     log_interval: int
     image_log_interval: int
 
+    def due(self, iteration: int) -> bool:
+        return iteration % self.log_interval == 0 or iteration == 1
+
     def iteration(self, run: StepRun, loss: torch.Tensor, terms: dict[str, torch.Tensor], images: torch.Tensor,
                   labels: torch.Tensor, output: SegmentationOutput, first_of_epoch: bool) -> None:
         iteration = run.state.iteration
-        if iteration % self.log_interval == 0 or iteration == 1:
+        if self.due(iteration):
             values = {f"loss/{name}": value.item() for name, value in terms.items()}
             values["loss/total"] = loss.item()
             values["lr"] = run.optimizer.param_groups[0]["lr"]
@@ -49,12 +52,10 @@ def train_iteration(run: StepRun, images: torch.Tensor, labels: torch.Tensor
         old_output = None
         if run.old_model is not None:
             with torch.no_grad():
-                old_output = run.old_model(images)
+                old_output = run.old_forward(images)
         terms = run.method.losses(labels, output, old_output, run.model)
         loss = sum(terms.values())
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"step {run.step}: loss is {loss.item()} at iteration {run.state.iteration} "
-                                 f"(terms: { {name: float(value) for name, value in terms.items()} })")
+    run.watch_loss(loss)  # checked at logging and checkpoint points: no host sync per iteration
     run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
     run.scaler.step(run.optimizer)
@@ -76,8 +77,11 @@ def train(run: StepRun, batches, logger: StepLogger, after_iteration: Callable[[
         loss, terms, output = train_iteration(run, images, labels)
         first_of_epoch = run.state.batch_in_epoch == 0
         completed_epoch = run.state.advance(run.plan.iterations_per_epoch)
+        if logger.due(run.state.iteration):
+            run.check_losses()
+            if ctx.is_main:
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}")
         if ctx.is_main:
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{run.optimizer.param_groups[0]['lr']:.2e}")
             logger.iteration(run, loss, terms, images, labels, output, first_of_epoch)
             if completed_epoch:
                 bar.set_description(f"{logger.tag} epoch {run.state.epoch + 1}")
@@ -87,16 +91,23 @@ def train(run: StepRun, batches, logger: StepLogger, after_iteration: Callable[[
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, num_classes: int, ctx: DistContext, amp: str,
-             progress_desc: str = "eval") -> ConfusionMatrix:
-    """Confusion matrix over the loader's samples, summed over all processes."""
+             progress_desc: str = "eval", fixed_size: bool = True) -> ConfusionMatrix:
+    """Confusion matrix over the loader's samples, summed over all processes. ``fixed_size``: every batch
+    has the same shape (cuDNN may tune its convolutions once; full-image evaluation must not)."""
     model.eval()
     matrix = ConfusionMatrix(num_classes, device=ctx.device)
     autocast = autocast_context(ctx.device, amp)
-    for images, labels in tqdm(loader, disable=not ctx.is_main, leave=False, desc=progress_desc, dynamic_ncols=True):
-        images = images.to(ctx.device, non_blocking=True)
-        labels = labels.to(ctx.device, non_blocking=True)
-        with autocast:
-            logits = model(images).logits
-        matrix.update(logits.argmax(1), labels)
+    tuned = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = tuned and fixed_size
+    try:
+        for images, labels in tqdm(loader, disable=not ctx.is_main, leave=False, desc=progress_desc,
+                                   dynamic_ncols=True):
+            images = images.to(ctx.device, non_blocking=True)
+            labels = labels.to(ctx.device, non_blocking=True)
+            with autocast:
+                logits = model(images).logits
+            matrix.update(logits.argmax(1), labels)
+    finally:
+        torch.backends.cudnn.benchmark = tuned
     matrix.reduce_from_all_processes()
     return matrix

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 import time
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from datasets.class_lists import load_class_lists
-from datasets.incremental import IncrementalSegmentation, train_dataset, val_dataset
+from datasets.incremental import IncrementalSegmentation, selection_dataset, train_dataset, val_dataset
 from datasets.labels import class_names
 from datasets.tasks import get_task
 from datasets.transforms import eval_transforms, train_transforms
@@ -26,22 +27,32 @@ from models import build_model
 from models.base import IncrementalSegmenter
 from utils import checkpoint as ckpt
 from utils.config import Config, ConfigError, batch_per_process, config_to_dict
-from utils.distributed import DistContext, all_gather_object, barrier, random_state, run_on_main, set_random_state
+from utils.distributed import (DistContext, StopRequest, all_gather_object, barrier, random_state, run_on_main,
+                               set_random_state)
+from utils.errors import RunInterrupted
 from utils.logs import TensorboardWriter, get_logger
-from utils.metrics import ConfusionMatrix, summarize
+from utils.metrics import ConfusionMatrix, class_iou, summarize
 from utils.report import format_step_table, write_results
 from utils.run_folder import prepare_run_folder
 
 from .engine import StepLogger, evaluate, train
 from .loaders import eval_loader, train_loader
 from .methods import IncrementalMethod, build_method, resolve_switches
-from .step import StepRun, plan_step
+from .step import StepRun, plan_step, validation_due
+from .step0_reuse import find_reusable_step0, recipe_hash, step0_recipe
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def step_classes_score(matrix: ConfusionMatrix, channels: list[int]) -> float:
+    """The reference's selection score: the mean IoU of ``channels`` (a class neither present nor predicted
+    counts 0, as in its metric)."""
+    ious = class_iou(matrix.matrix)
+    return float(np.mean([ious[k] or 0.0 for k in channels]))
 
 
 class IncrementalTrainer:
@@ -59,6 +70,7 @@ class IncrementalTrainer:
         self.names = class_names(self.task, cfg.data.root, cfg.data.synthetic.enabled)
         # A no-op until run() has checked the run folder: a refused run or --eval-only writes no event file.
         self.writer = TensorboardWriter(None, False)
+        self.stop = StopRequest()  # SIGTERM / SIGINT: finish the iteration, save, stop (see run())
 
     # ---------------------------------------------------------------- set-up
     def prepare_data(self) -> None:
@@ -70,7 +82,7 @@ class IncrementalTrainer:
         data = self.cfg.data
         self.ensure_synthetic_data()
         load_class_lists(data.dataset, data.root, "train", data.class_lists, data.cache_dir)
-        if self.cfg.train.validation != "off":  # selection_loader reads the val lists on every rank
+        if self.cfg.train.validation != "none":  # selection_loader reads the val lists on every rank
             load_class_lists(data.dataset, data.root, "val", None, data.cache_dir)
 
     def ensure_synthetic_data(self) -> None:
@@ -91,11 +103,15 @@ class IncrementalTrainer:
                           self.cfg.data.dataset, self.task.name, self.cfg.data.setting, self.task.num_steps,
                           self.switches.describe(), self.cfg.train.checkpoint_policy, self.cfg.data.eval_mode)
             results = self.previous_results()
-            for step in range(self.cfg.start_step, self.end_step + 1):
-                metrics = self.run_step(step)
-                results = sorted([r for r in results if r["step"] != step] + [metrics], key=lambda r: r["step"])
-                if self.ctx.is_main:
-                    write_results(self.run_dir, results, self.meta())
+            with self.stop:
+                for step in range(self.cfg.start_step, self.end_step + 1):
+                    metrics = self.run_step(step)
+                    results = sorted([r for r in results if r["step"] != step] + [metrics], key=lambda r: r["step"])
+                    if self.ctx.is_main:
+                        write_results(self.run_dir, results, self.meta())
+                    if step < self.end_step and self.stop.agreed():
+                        raise RunInterrupted(f"{self.stop.name} received: stopped after finishing step {step} "
+                                             f"({ckpt.step_checkpoint(self.run_dir, step)})", self.stop.signum)
             if self.ctx.is_main:
                 self.log.info("results (%s):\n%s", self.run_dir / "results.md", format_step_table(results))
         finally:  # flush what was logged, also when a step fails
@@ -106,13 +122,31 @@ class IncrementalTrainer:
         """Skip a finished step -> build the step -> train -> choose the weights -> test -> save."""
         if ckpt.step_checkpoint(self.run_dir, step).exists():
             return self.finished_step_metrics(step)
+        if step == 0:
+            source = find_reusable_step0(self.cfg, self.task, self.run_dir)
+            if source is not None:
+                return self.reuse_step0(source)
         run, train_set = self.build_step(step)
         self.train_step(run, train_set)
         kept = self.choose_weights(run)
         metrics = self.test(run.model, step)
         metrics.update({"checkpoint": kept, "iterations": run.state.iteration,
                         "validation_history": run.state.history})
-        self.save_finished_step(run, metrics)
+        self.save_finished_step(step, run.model.state_dict(), metrics)
+        return metrics
+
+    def reuse_step0(self, source: Path) -> dict:
+        """Step 0 from another run with the same step-0 recipe: its weights, tested here."""
+        self.log.info("step 0: reusing %s (same dataset, step-0 classes, setting, model, step-0 recipe and seed)",
+                      source)
+        saved = ckpt.load(source)
+        model = self.model_for_step(0)
+        ckpt.load_model_weights(model, saved["model"], str(source))
+        metrics = self.test(model.to(self.ctx.device), 0)
+        trained = saved["metrics"]
+        metrics.update({"checkpoint": f"{trained['checkpoint']}, reused from {source}", "reused_from": str(source),
+                        "iterations": trained["iterations"], "validation_history": trained["validation_history"]})
+        self.save_finished_step(0, saved["model"], metrics)
         return metrics
 
     def finished_step_metrics(self, step: int) -> dict:
@@ -185,15 +219,21 @@ class IncrementalTrainer:
                       run.method.num_classes - run.method.num_old, len(train_set), plan.epochs,
                       plan.iterations_per_epoch, plan.total_iterations, batch, batch // self.ctx.world_size,
                       self.ctx.world_size)
-        selection = self.selection_loader(run.step) if train_cfg.validation != "off" else None
+        selection = self.selection_loader(run.step) if train_cfg.validation != "none" else None
 
         def after_iteration(run: StepRun, completed_epoch: bool) -> None:
-            if completed_epoch or run.finished:
-                if selection is not None and (run.state.epoch % train_cfg.val_interval == 0 or run.finished):
-                    self.validate_during_step(run, selection)
+            validated = validation_due(train_cfg.validation, train_cfg.val_interval, run.state, run.plan,
+                                       completed_epoch)
+            if validated:
+                self.validate_during_step(run, selection)
+            stopping = self.stop.agreed()
+            if stopping or validated or completed_epoch or run.finished or (
+                    train_cfg.checkpoint_interval > 0 and run.state.iteration % train_cfg.checkpoint_interval == 0):
                 self.save_in_step(run)
-            elif train_cfg.checkpoint_interval > 0 and run.state.iteration % train_cfg.checkpoint_interval == 0:
-                self.save_in_step(run)
+            if stopping:
+                raise RunInterrupted(f"{self.stop.name} received: stopped after iteration {run.state.iteration} of "
+                                     f"step {run.step}, saved in {ckpt.partial_checkpoint(self.run_dir, run.step)}",
+                                     self.stop.signum)
 
         started = time.time()
         batches = train_loader(train_set, batch, self.ctx, cfg.seed * 1000 + run.step, plan.iterations_per_epoch,
@@ -204,6 +244,7 @@ class IncrementalTrainer:
                       time.time() - started)
 
     def save_in_step(self, run: StepRun) -> None:
+        run.check_losses()  # never write weights a non-finite loss has spoilt
         # every rank's generator state (dropout draws), so a resumed step continues bit for bit
         random_states = all_gather_object(random_state(self.ctx.device))
         if self.ctx.is_main:
@@ -213,21 +254,26 @@ class IncrementalTrainer:
     def choose_weights(self, run: StepRun) -> str:
         """Load the weights the checkpoint policy keeps into ``run.model``; describe them."""
         state = run.state
-        if self.cfg.train.checkpoint_policy == "best" and state.best_epoch is not None:
+        if self.cfg.train.checkpoint_policy == "best" and state.best_iteration is not None:
             best = ckpt.load(ckpt.best_checkpoint(self.run_dir, run.step), self.ctx.device)
             run.model.load_state_dict(best["model"])
-            return f"best (epoch {state.best_epoch}, new-class mIoU {state.best_score:.4f} on val)"
+            return (f"best (iteration {state.best_iteration}, mIoU of the step's classes {state.best_score:.4f} "
+                    "on val)")
         return "last"
 
-    def save_finished_step(self, run: StepRun, metrics: dict) -> None:
-        """The step's checkpoint (weights, metrics and the config and task that made them), then the in-step
-        files are removed: from here on the step is finished."""
+    def save_finished_step(self, step: int, weights: dict, metrics: dict) -> None:
+        """The step's checkpoint (weights, metrics and the config and task that made them; step 0 also its
+        recipe, so that another run may reuse it), then the in-step files are removed: from here on the step
+        is finished."""
         if self.ctx.is_main:
-            ckpt.save_atomic({"model": run.model.state_dict(), "metrics": metrics, "step": run.step,
-                              "config": config_to_dict(self.cfg), "task": [list(s) for s in self.task.steps]},
-                             ckpt.step_checkpoint(self.run_dir, run.step))
-            ckpt.remove_if_exists(ckpt.partial_checkpoint(self.run_dir, run.step))
-            ckpt.remove_if_exists(ckpt.best_checkpoint(self.run_dir, run.step))
+            saved = {"model": weights, "metrics": metrics, "step": step, "config": config_to_dict(self.cfg),
+                     "task": [list(s) for s in self.task.steps]}
+            if step == 0:
+                recipe = step0_recipe(self.cfg, self.task)
+                saved.update(step0_recipe=recipe, step0_recipe_hash=recipe_hash(recipe))
+            ckpt.save_atomic(saved, ckpt.step_checkpoint(self.run_dir, step))
+            ckpt.remove_if_exists(ckpt.partial_checkpoint(self.run_dir, step))
+            ckpt.remove_if_exists(ckpt.best_checkpoint(self.run_dir, step))
         barrier()
 
     def meta(self) -> dict:
@@ -249,19 +295,23 @@ class IncrementalTrainer:
         return results
 
     # ------------------------------------------------------------ evaluation
-    def test_loader(self, step: int, only_classes: Optional[list[int]] = None):
+    def test_loader(self, step: int):
         data = self.cfg.data
         dataset = val_dataset(self.task, step, data.root, eval_transforms(data.eval_mode, data.base_size,
                                                                           data.crop_size),
-                              only_classes=only_classes, cache_dir=data.cache_dir, progress=self.ctx.is_main)
+                              cache_dir=data.cache_dir, progress=self.ctx.is_main)
         batch = 1 if data.eval_mode == "full" else self.cfg.train.val_batch_size
         return eval_loader(dataset, batch, self.ctx, data.num_workers)
 
     def selection_loader(self, step: int):
-        """Validation during a step: for step >= 1 the val images containing the step's new classes
-        (what the reference selects its 'best' checkpoint on), for step 0 the whole val set."""
-        new = [c for c in self.task.steps[step] if c != 0] if step > 0 else None
-        return self.test_loader(step, only_classes=new)
+        """Validation during a step, as the reference selects its "best" weights: the val images showing a
+        class of the step, every other class labelled background (datasets.incremental.selection_dataset)."""
+        data = self.cfg.data
+        dataset = selection_dataset(self.task, step, data.root,
+                                    eval_transforms(data.eval_mode, data.base_size, data.crop_size),
+                                    cache_dir=data.cache_dir, progress=self.ctx.is_main)
+        batch = 1 if data.eval_mode == "full" else self.cfg.train.val_batch_size
+        return eval_loader(dataset, batch, self.ctx, data.num_workers)
 
     def step_summary(self, matrix: ConfusionMatrix, step: int) -> dict:
         evaluated = self.task.evaluated_channels(step)
@@ -273,23 +323,19 @@ class IncrementalTrainer:
         return summary
 
     def validate_during_step(self, run: StepRun, loader) -> None:
+        """Score the weights as the reference does (its labels, the mean IoU of the step's channels) and keep
+        them as the step's best when they beat the best so far."""
         step, state = run.step, run.state
         matrix = evaluate(run.model, loader, self.task.num_channels(step), self.ctx, self.cfg.train.amp,
-                          f"step{step} val")
-        summary = self.step_summary(matrix, step)
-        evaluated = set(self.task.evaluated_channels(step))
-        ious = [summary["iou"][self.names[k]] for k in self.task.channels_of_step(step) if k in evaluated]
-        ious = [v for v in ious if v is not None]
-        score = float(np.mean(ious)) if ious else 0.0
-        self.writer.scalars({"val/miou_step_classes": score, "val/miou_all": summary["miou_all"],
-                             "val/miou_old": summary["miou_old"], "val/miou_new": summary["miou_new"]},
-                            state.iteration, prefix=f"step{step}/")
+                          f"step{step} val", fixed_size=self.cfg.data.eval_mode != "full")
+        score = step_classes_score(matrix, self.task.channels_of_step(step))
+        self.writer.scalars({"val/miou_step_classes": score}, state.iteration, prefix=f"step{step}/")
         state.history.append({"epoch": state.epoch, "iteration": state.iteration, "miou_step_classes": score})
-        self.log.info("step %d epoch %d: val mIoU of the step's classes %.4f", step, state.epoch, score)
+        self.log.info("step %d iteration %d: val mIoU of the step's classes %.4f", step, state.iteration, score)
         if self.cfg.train.checkpoint_policy == "best" and (state.best_score is None or score > state.best_score):
-            state.best_score, state.best_epoch = score, state.epoch
+            state.best_score, state.best_iteration = score, state.iteration
             if self.ctx.is_main:
-                ckpt.save_atomic({"model": run.model.state_dict(), "epoch": state.epoch, "score": score},
+                ckpt.save_atomic({"model": run.model.state_dict(), "iteration": state.iteration, "score": score},
                                  ckpt.best_checkpoint(self.run_dir, step))
         barrier()
         run.train_model.train()
@@ -297,7 +343,7 @@ class IncrementalTrainer:
     def test(self, model: nn.Module, step: int) -> dict:
         """The spec's evaluation at step t: the whole validation set, classes seen so far."""
         matrix = evaluate(model, self.test_loader(step), self.task.num_channels(step), self.ctx,
-                          self.cfg.train.amp, f"step{step} test")
+                          self.cfg.train.amp, f"step{step} test", fixed_size=self.cfg.data.eval_mode != "full")
         summary = self.step_summary(matrix, step)
         fmt = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
         self.log.info("step %d test: mIoU old %s | new %s | all %s (old without background %s)", step,

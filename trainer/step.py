@@ -20,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel
 from models.base import IncrementalSegmenter
 from utils.checkpoint import CheckpointError
 from utils.distributed import DistContext
+from utils.logs import get_logger
 
 from .loaders import iterations_per_epoch
 from .methods import IncrementalMethod
@@ -33,7 +34,7 @@ class TrainState:
     batch_in_epoch: int = 0     # batches of the current epoch already done
     iteration: int = 0          # optimiser steps done in this step
     best_score: Optional[float] = None
-    best_epoch: Optional[int] = None
+    best_iteration: Optional[int] = None
     history: list = field(default_factory=list)  # validation results during the step
 
     def advance(self, iterations_per_epoch: int) -> bool:
@@ -70,6 +71,24 @@ def plan_step(train_cfg, step: int, num_images: int) -> StepPlan:
     return StepPlan(epochs, per_epoch, total, train_cfg.lr_incremental if incremental else train_cfg.lr)
 
 
+def reference_validation_interval(total_iterations: int) -> int:
+    """The MBS reference validates whenever a step's iteration count is a multiple of this (about ten
+    candidates for its "best" weights per step; none when a step has fewer than 100 iterations)."""
+    return max(100, total_iterations // 10)
+
+
+def validation_due(validation: str, val_interval: int, state: TrainState, plan: StepPlan,
+                   completed_epoch: bool) -> bool:
+    """Whether to validate after the iteration that brought training to ``state``. ``epochs``: every
+    ``val_interval`` epochs and at the end of the step; ``reference``: whenever the iteration count is a
+    multiple of the reference's interval; ``none``: never."""
+    if validation == "reference":
+        return state.iteration % reference_validation_interval(plan.total_iterations) == 0
+    if validation == "epochs":
+        return (completed_epoch and state.epoch % val_interval == 0) or state.iteration >= plan.total_iterations
+    return False
+
+
 def build_optimizer(model: IncrementalSegmenter, plan: StepPlan, train_cfg):
     """SGD over the backbone and head groups (head lr x ``head_lr_multiplier``), poly or constant schedule."""
     groups = model.parameter_groups()
@@ -86,11 +105,18 @@ def build_optimizer(model: IncrementalSegmenter, plan: StepPlan, train_cfg):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def autocast_context(device: torch.device, amp: str) -> ContextManager:
     """Mixed precision on CUDA only; CPU runs stay in float32. Reusable: enter it once per iteration."""
     if device.type != "cuda" or amp == "none":
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    return torch.autocast("cuda", dtype=AMP_DTYPES[amp])
+
+
+def memory_format_for(model: IncrementalSegmenter, device: torch.device) -> torch.memory_format:
+    return torch.channels_last if device.type == "cuda" and model.prefers_channels_last else torch.contiguous_format
 
 
 def for_processes(model: nn.Module, ctx: DistContext) -> nn.Module:
@@ -109,21 +135,54 @@ class StepRun:
     def __init__(self, step: int, model: IncrementalSegmenter, old_model: Optional[IncrementalSegmenter],
                  method: IncrementalMethod, plan: StepPlan, train_cfg, ctx: DistContext):
         self.step, self.method, self.plan, self.ctx = step, method, plan, ctx
+        self.memory_format = memory_format_for(model, ctx.device)
+        mixed_precision = ctx.device.type == "cuda" and train_cfg.amp != "none"
         if old_model is not None:
-            old_model.eval().requires_grad_(False).to(ctx.device)
+            # frozen: no optimiser keeps fp32 master weights, so it can live in the training dtype
+            old_model.eval().requires_grad_(False).to(ctx.device, memory_format=self.memory_format)
+            if mixed_precision:
+                old_model.to(AMP_DTYPES[train_cfg.amp])
         self.old_model = old_model
-        self.model = model.to(ctx.device)
+        self.model = model.to(ctx.device, memory_format=self.memory_format)
         self.optimizer, self.scheduler = build_optimizer(self.model, plan, train_cfg)
         self.autocast = autocast_context(ctx.device, train_cfg.amp)
         # fp16 needs loss scaling; a disabled scaler passes every call straight through
         self.scaler = torch.amp.GradScaler(ctx.device.type,
                                            enabled=ctx.device.type == "cuda" and train_cfg.amp == "fp16")
         self.train_model = for_processes(self.model, ctx)
+        self.old_forward = self.old_model
+        if train_cfg.compile:
+            self.train_model = torch.compile(self.train_model)
+            if self.old_model is not None:
+                self.old_forward = torch.compile(self.old_model)
+        if ctx.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # the training crop has one size: tune convolutions once
         self.state = TrainState()
+        # non-finite losses seen since the last check, counted on the device (reading it is a host sync)
+        self.nonfinite_losses = torch.zeros((), dtype=torch.int64, device=ctx.device)
+        self.checked_iteration = 0
 
     @property
     def finished(self) -> bool:
         return self.state.iteration >= self.plan.total_iterations
+
+    def watch_loss(self, loss: torch.Tensor) -> None:
+        """Count a non-finite loss without waiting for the device; :meth:`check_losses` reads the count."""
+        self.nonfinite_losses += (~torch.isfinite(loss.detach())).to(torch.int64)
+
+    def check_losses(self) -> None:
+        """Act on the non-finite losses since the last check (a host sync: called at logging and checkpoint
+        points). With fp16 loss scaling they are overflow steps the scaler skipped; without, they are fatal."""
+        count = int(self.nonfinite_losses.item())
+        first, last = self.checked_iteration + 1, self.state.iteration
+        self.nonfinite_losses.zero_()
+        self.checked_iteration = last
+        if count and not self.scaler.is_enabled():
+            raise FloatingPointError(f"step {self.step}: the loss was not finite in {count} of the iterations "
+                                     f"{first}..{last} (lower the learning rate, or check the data)")
+        if count:
+            get_logger().warning("step %d: the gradient scaler skipped %d of the iterations %d..%d (fp16 "
+                                 "overflow)", self.step, count, first, last)
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),

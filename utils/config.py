@@ -120,9 +120,9 @@ class TrainConfig:
     weight_decay: float = 1e-4
     amp: str = "bf16"                          # bf16 | fp16 | none (CUDA only; CPU runs in fp32)
     max_iters_per_step: Optional[int] = None   # cap iterations per step (quick runs, tests)
-    # validation during a step: off | epochs (every val_interval epochs) | reference (the MBS reference's
+    # validation during a step: none | epochs (every val_interval epochs) | reference (the MBS reference's
     # cadence: whenever the iteration count is a multiple of max(100, total iterations // 10))
-    validation: str = "off"
+    validation: str = "none"
     val_interval: int = 1                      # epochs between validations (validation: epochs)
     checkpoint_policy: str = "last"            # last | best (the weights that validated best, as the reference)
     compile: bool = False                      # torch.compile the model (and the loss) for training
@@ -156,7 +156,7 @@ CHOICES = {
     "data.eval_mode": {"center_crop", "full"},
     "data.crop_padding": {"ignore", "reference"},
     "model.pos_embed_interpolation": {"reference", "timm"},
-    "train.validation": {"off", "epochs", "reference"},
+    "train.validation": {"none", "epochs", "reference"},
     "model.architecture": {"deeplabv3", "segmenter"},
     "method.name": {"mbs", "baseline", "finetune"},
     "train.lr_schedule": {"poly", "constant"},
@@ -248,7 +248,7 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("config key 'train.max_iters_per_step' must be positive or null")
     if cfg.start_step < 0:
         raise ConfigError("config key 'start_step' must be >= 0")
-    if cfg.train.checkpoint_policy == "best" and cfg.train.validation == "off":
+    if cfg.train.checkpoint_policy == "best" and cfg.train.validation == "none":
         raise ConfigError("config key 'train.checkpoint_policy': best needs train.validation epochs or reference "
                           "(it selects the weights on validation)")
     if "/" in cfg.name or cfg.name in ("", ".", ".."):

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
+import threading
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Callable, Optional, TypeVar
@@ -136,3 +138,48 @@ def run_on_main(ctx: DistContext, fn: Callable[[], T]) -> Optional[T]:
     if shared is not None:
         raise shared
     return result
+
+
+class StopRequest:
+    """SIGTERM (cluster pre-emption) and SIGINT (Ctrl-C) ask the run to stop after the current iteration.
+
+    Inside ``with StopRequest() as stop:`` the two signals only set a flag (the previous handlers come back
+    afterwards). :meth:`agreed` tells every rank whether any rank was asked, so that all stop after the same
+    iteration; the ranks agree through a one-number all-reduce on a gloo group, which leaves the GPU stream
+    alone (no host sync).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum = 0
+        self.group = None
+        self.previous: dict = {}
+
+    def __enter__(self) -> "StopRequest":
+        if dist.is_available() and dist.is_initialized():
+            self.group = dist.new_group(backend="gloo")  # collective: every rank enters at the same point
+        if threading.current_thread() is threading.main_thread():  # Python handles signals there only
+            self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
+
+    def agreed(self) -> bool:
+        """True on every rank when any rank received a stop signal (then ``signum`` is the largest one)."""
+        if self.group is None:
+            return bool(self.signum)
+        flag = torch.tensor([self.signum], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        self.signum = int(flag.item())
+        return bool(self.signum)

@@ -11,3 +11,11 @@ from __future__ import annotations
 
 class UserError(Exception):
     """A config value, data file, run folder, checkpoint or weights file is not what the run needs."""
+
+
+class RunInterrupted(Exception):
+    """SIGTERM or SIGINT stopped the run after an iteration; its in-step checkpoint holds everything done."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum

@@ -1,0 +1,103 @@
+"""Step 0 trained once per protocol family.
+
+Steps 0 of VOC 15-1 and 15-5 are the same training (same classes, images, setting and recipe), as are
+those of ADE 100-50, 100-10 and 100-5, and those of the methods of one task (step 0 is cross-entropy
+alone for every method). Every finished step 0 carries its *recipe* — everything that defines its
+training and its test — and a hash of it; ``train.step0_checkpoint`` reuses a finished step 0 whose
+recipe is identical: a path to its ``step0.pt``, or ``auto`` to look in the sibling run folders of
+``output_dir``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from datasets.tasks import Task
+from utils.checkpoint import CheckpointError
+from utils.config import Config
+
+# The keys of each config section that shape step 0's weights or its test. Left out on purpose: the method
+# (step 0 is cross-entropy alone), incremental-step keys, workers, intervals, device, names and paths.
+STEP0_KEYS = {
+    "data": ("dataset", "setting", "base_size", "crop_size", "scale_range", "eval_mode", "crop_padding",
+             "skip_bad_files"),
+    "train": ("epochs", "batch_size", "lr", "lr_schedule", "poly_power", "head_lr_multiplier", "momentum",
+              "nesterov", "weight_decay", "amp", "max_iters_per_step", "validation", "val_interval",
+              "checkpoint_policy"),
+}
+
+
+class Step0ReuseError(CheckpointError):
+    """The step-0 checkpoint named in train.step0_checkpoint was trained with another recipe."""
+
+
+def step0_recipe(cfg: Config, task: Task) -> dict:
+    """Everything that defines step 0 of this run, as plain values."""
+    recipe = {section: {key: getattr(getattr(cfg, section), key) for key in keys}
+              for section, keys in STEP0_KEYS.items()}
+    recipe["data"]["step0_classes"] = list(task.steps[0])  # in order: channel k is class steps[0][k]
+    recipe["data"]["synthetic"] = (dataclasses.asdict(cfg.data.synthetic) if cfg.data.synthetic.enabled
+                                   else None)
+    recipe["model"] = dataclasses.asdict(cfg.model)
+    recipe["seed"] = cfg.seed
+    return recipe
+
+
+def recipe_hash(recipe: dict) -> str:
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+
+
+def recipe_differences(mine: dict, theirs: dict, prefix: str = "") -> list[str]:
+    """``key: ours vs theirs`` for every differing leaf of two recipes."""
+    differences = []
+    for key in sorted(set(mine) | set(theirs)):
+        a, b = mine.get(key), theirs.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            differences += recipe_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            differences.append(f"{prefix}{key}: {a!r} here vs {b!r} there")
+    return differences
+
+
+def _saved_recipe(path: Path) -> Optional[dict]:
+    """The recipe stored in a finished step-0 checkpoint (None for one written before recipes existed).
+    Memory-mapped: the weights are not read."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # a foreign or broken file
+        raise CheckpointError(f"checkpoint {str(path)!r} could not be read: {err}") from err
+    return saved.get("step0_recipe")
+
+
+def find_reusable_step0(cfg: Config, task: Task, run_dir: Path) -> Optional[Path]:
+    """The finished step 0 this run may reuse, or None (then it trains its own).
+
+    A path in ``train.step0_checkpoint`` must hold the same recipe, else the run is refused with the keys
+    that differ; ``auto`` takes the first sibling run folder's step 0 with the same recipe, if any.
+    """
+    setting = cfg.train.step0_checkpoint
+    if setting is None:
+        return None
+    mine = step0_recipe(cfg, task)
+    if setting != "auto":
+        path = Path(setting)
+        if not path.is_file():
+            raise Step0ReuseError(f"train.step0_checkpoint: {setting!r} does not exist")
+        theirs = _saved_recipe(path)
+        if theirs is None:
+            raise Step0ReuseError(f"train.step0_checkpoint: {setting!r} holds no step-0 recipe (not a finished "
+                                  "step 0 of this project)")
+        if theirs != mine:
+            raise Step0ReuseError(f"train.step0_checkpoint: {setting!r} was trained with another step-0 recipe: "
+                                  + "; ".join(recipe_differences(mine, theirs)))
+        return path
+    own = (run_dir / "checkpoints" / "step0.pt").resolve()
+    for candidate in sorted(Path(cfg.output_dir).glob("*/checkpoints/step0.pt")):
+        if candidate.resolve() != own and _saved_recipe(candidate) == mine:
+            return candidate
+    return None
