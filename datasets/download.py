@@ -212,10 +212,13 @@ def file_digest(path: Path, algorithm: str) -> str:
 
 
 def verify_checksum(archive: Archive, path: Path, rerun: str) -> None:
-    """Remove ``path`` and fail if its digest is not the expected one (no checksum: nothing to check)."""
+    """Remove ``path`` and fail if its digest is not the expected one (no checksum: print one to pin it)."""
     if archive.checksum is None:
+        print(f"{path.name}: no checksum to compare; its sha256 is {file_digest(path, 'sha256')} "
+              f"(pass --{archive.key}-checksum sha256:<that> to pin it)")
         return
     algorithm, expected = archive.checksum.split(":", 1)
+    print(f"checking the {algorithm} of {path.name}")
     got = file_digest(path, algorithm)
     if got != expected.lower():
         path.unlink()

@@ -102,6 +102,11 @@ class ArchiveServer:
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
                 name = self.path.lstrip("/")
+                if name.startswith("moved/"):  # as Dropbox's ?dl=1 links do
+                    self.send_response(302)
+                    self.send_header("Location", server.url(name.removeprefix("moved/")))
+                    self.end_headers()
+                    return
                 if name not in server.files:
                     server.requests.append((name, 0, 0))
                     self.send_error(404)
@@ -251,6 +256,24 @@ def test_retries_resume_within_one_run(tmp_path, served):
     assert served.sent("SegmentationClassAug.zip") == len(served.files["SegmentationClassAug.zip"])
 
 
+def test_resume_follows_a_redirect_with_the_range(tmp_path, served):
+    served.cut["SegmentationClassAug.zip"] = 1
+    trainval, aug = voc_archives(served)
+    moved = replace(aug, url=served.url("moved/SegmentationClassAug.zip"))
+    prepare_voc(tmp_path, trainval, moved, counts=(5, 2), retry=Retry(attempts=2, first_wait_s=0, timeout_s=10))
+    starts = [start for name, start, _ in served.requests if name == "SegmentationClassAug.zip"]
+    assert len(starts) == 2 and starts[1] > 0
+
+
+def test_a_whole_part_file_left_before_the_rename_is_not_fetched_again(tmp_path, served):
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    (downloads / "VOCtrainval_11-May-2012.tar.part").write_bytes(served.files["VOCtrainval.tar"])
+    run_voc(tmp_path, served)
+    assert served.sent("VOCtrainval.tar") == 0  # the Range request past the end got a 416
+    assert len(split_files("voc", tmp_path, "train")) == len(TRAIN_AUG)
+
+
 def test_a_server_ignoring_range_makes_it_start_over(tmp_path, served):
     served.honour_range = False
     served.cut["VOCtrainval.tar"] = 1
@@ -339,6 +362,16 @@ def test_ade_layout_is_what_the_project_reads(tmp_path, served):
     assert all(p.is_file() for p in train.labels + val.labels)
     assert (final / "objectInfo150.txt").is_file() and (final / download.MARKER).is_file()
     assert (tmp_path / "downloads" / "ADEChallengeData2016.zip").is_file()
+
+
+def test_ade_from_a_local_file_url(tmp_path, served):
+    local = tmp_path / "mirror" / "ADEChallengeData2016.zip"
+    local.parent.mkdir()
+    local.write_bytes(served.files["ADE.zip"])
+    archive = replace(ade_archive(served), url=local.as_uri())
+    prepare_ade(tmp_path / "root", archive, counts=(3, 2), retry=NO_WAIT)
+    assert len(split_files("ade", tmp_path / "root", "val")) == 2
+    assert served.requests == []
 
 
 def test_ade_unsafe_member_is_refused(tmp_path, served):
