@@ -1,13 +1,15 @@
 """ResNet backbones from torchvision, dilated to output stride 16 or 8.
 
 ``pretrained`` is ``imagenet`` (torchvision's ImageNet weights, fetched through
-torchvision's own download cache, ``$TORCH_HOME``), ``none`` (random init), or
-a path to a local state dict in torchvision's ResNet format (for clusters
-without internet; ``fc.*`` keys are ignored).
+torchvision's own download cache, ``$TORCH_HOME/hub/checkpoints``), ``none``
+(random init), or a path to a local state dict in torchvision's ResNet format
+(for clusters without internet; ``fc.*`` keys are ignored).
 """
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.error import URLError
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -24,7 +26,24 @@ RESNETS = {
 
 
 class PretrainedWeightsError(UserError, ValueError):
-    """A local weights file is missing or does not match the network; names the file and keys."""
+    """A local weights file is missing or does not match the network, or ``imagenet`` weights are neither
+    cached nor downloadable; names the file (and the keys)."""
+
+
+def torch_hub_checkpoint(url: str) -> Path:
+    """Where torch.hub's download cache keeps the file of ``url``: ``$TORCH_HOME/hub/checkpoints/<file name>``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(urlparse(url).path).name
+
+
+COPY_TO_TORCH_HUB = "Copy the file there from a machine with network"
+
+
+def missing_download_message(weights: str, expected: Path, source: str, reason: str, fill_cache: str) -> str:
+    """One line for pretrained weights that are not cached and could not be downloaded; ``fill_cache`` says how
+    to fill the cache from a machine with network."""
+    return (f"model.pretrained: imagenet needs {weights}, expected at {expected}: not there, and downloading "
+            f"{source} failed ({reason}). {fill_cache}, or set model.pretrained to the path of a local copy of "
+            "the file")
 
 
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
@@ -64,6 +83,16 @@ def load_matching(module: nn.Module, state: dict[str, torch.Tensor], source: str
     module.load_state_dict(state, strict=not ignore_prefixes)
 
 
+def download_torchvision_weights(weights: models.WeightsEnum) -> dict[str, torch.Tensor]:
+    """torchvision's state dict for ``weights``, from torch.hub's cache or downloaded into it."""
+    try:
+        return weights.get_state_dict(progress=True)
+    except URLError as err:  # no network (HTTPError, a subclass, for a refused download)
+        raise PretrainedWeightsError(missing_download_message(
+            f"torchvision's {weights} weights", torch_hub_checkpoint(weights.url), weights.url, str(err.reason),
+            COPY_TO_TORCH_HUB)) from err
+
+
 def _dilate_basic_blocks(layer: nn.Sequential, previous: int, dilation: int) -> None:
     """torchvision's BasicBlock refuses dilation, so set it by hand with torchvision's rule for
     Bottleneck: the first block drops its stride and keeps the previous dilation, the rest dilate."""
@@ -90,7 +119,7 @@ class ResNetBackbone(nn.Module):
         bottleneck = name not in ("resnet18", "resnet34")
         net = builder(weights=None, replace_stride_with_dilation=dilate if bottleneck else None)
         if pretrained == "imagenet":
-            net.load_state_dict(weights.get_state_dict(progress=True))
+            net.load_state_dict(download_torchvision_weights(weights))
         elif pretrained != "none":
             load_matching(net, load_state_dict_file(pretrained), str(pretrained), ignore_prefixes=("fc.",))
         if not bottleneck:

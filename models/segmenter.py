@@ -31,24 +31,78 @@ normalisation (B, C, D) -- the Transformer's extra MSE term; ``class_vectors()``
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
+from types import MethodType
+from typing import Callable
+from urllib.error import URLError
 
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
-from timm.models.vision_transformer import Block, checkpoint_filter_fn
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import LocalEntryNotFoundError
+from huggingface_hub.file_download import repo_folder_name
+from timm.layers import LayerNorm, resample_abs_pos_embed, trunc_normal_
+from timm.models import load_pretrained
+from timm.models.vision_transformer import Block, VisionTransformer, checkpoint_filter_fn
 from torch import nn
 
-from .backbones import PretrainedWeightsError, load_matching, load_state_dict_file
+from .backbones import (COPY_TO_TORCH_HUB, PretrainedWeightsError, load_matching, load_state_dict_file,
+                        missing_download_message, torch_hub_checkpoint)
 from .base import IncrementalSegmenter, SegmentationOutput
 
 
-def vit_encoder_kwargs(image_size: int, drop_path_rate: float, overrides: dict | None = None) -> dict:
+POS_EMBED_INTERPOLATIONS = ("reference", "timm")
+
+
+def vit_encoder_kwargs(image_size: int, dropout: float = 0.0, drop_path_rate: float = 0.0,
+                       layer_norm_eps: float = 1e-5, overrides: dict | None = None) -> dict:
     """Keyword arguments of ``timm.create_model`` for the encoder: all tokens out (no pooling, no head), any
-    input size accepted (padded to the patch size, position embedding resampled to the grid)."""
-    return dict(img_size=image_size, num_classes=0, global_pool="", drop_path_rate=drop_path_rate,
-                dynamic_img_size=True, dynamic_img_pad=True, **(overrides or {}))
+    input size accepted (padded to the patch size, position embedding resampled to the grid).
+
+    ``dropout`` is the reference ViT's one dropout rate, which timm splits in three: after adding the position
+    embedding (pos_drop_rate), on the attention weights (attn_drop_rate), and after the attention projection and
+    both MLP layers (proj_drop_rate). timm's ``drop_rate`` is the classifier head's, which the encoder has not.
+    ``layer_norm_eps`` applies to every LayerNorm of the blocks and the final norm (timm's default: 1e-6)."""
+    return dict(img_size=image_size, num_classes=0, global_pool="", pos_drop_rate=dropout, attn_drop_rate=dropout,
+                proj_drop_rate=dropout, drop_path_rate=drop_path_rate,
+                norm_layer=partial(LayerNorm, eps=layer_norm_eps), dynamic_img_size=True, dynamic_img_pad=True,
+                **(overrides or {}))
+
+
+def pretrained_filter(pos_embed_interpolation: str) -> Callable:
+    """timm's checkpoint filter for the encoder. It resizes a pretrained position-embedding grid (24x24 for the
+    384 px weights) to the encoder's grid bicubically; ``reference`` without antialias, as the timm version of
+    the authors' runs (0.6.12) did, ``timm`` with timm's current antialias."""
+    return partial(checkpoint_filter_fn, interpolation="bicubic", antialias=pos_embed_interpolation == "timm")
+
+
+def _pos_embed_bilinear(vit: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    """Replacement of timm's ``VisionTransformer._pos_embed`` (dynamic image size, NHWC patch tokens in) that
+    resamples the patch-grid part of the position embedding bilinearly, align_corners=False, no antialias, as
+    the reference does for inputs of another size than ``image_size`` (timm: bicubic with antialias).
+    Prefix (class/register) tokens are left as they are."""
+    batch, h, w, dim = x.shape
+    prefix = [token.expand(batch, -1, -1) for token in (vit.cls_token, vit.reg_token) if token is not None]
+    pos_embed = resample_abs_pos_embed(vit.pos_embed, new_size=[h, w], old_size=vit.patch_embed.grid_size,
+                                       num_prefix_tokens=0 if vit.no_embed_class else vit.num_prefix_tokens,
+                                       interpolation="bilinear", antialias=False, align_corners=False)
+    x = x.reshape(batch, h * w, dim)
+    if vit.no_embed_class:  # the position embedding covers the patch tokens only
+        x = torch.cat(prefix + [x + pos_embed], dim=1)
+    else:
+        x = torch.cat(prefix + [x], dim=1) + pos_embed
+    return vit.pos_drop(x)
+
+
+def use_reference_pos_embed_resampling(vit: VisionTransformer) -> None:
+    """Make this one encoder resample its position embedding as the reference does (see _pos_embed_bilinear);
+    timm's class and other models are untouched."""
+    if not (isinstance(vit, VisionTransformer) and vit.dynamic_img_size and vit.pos_embed is not None):
+        raise ValueError("pos_embed_interpolation=reference needs a timm VisionTransformer with a learned "
+                         "position embedding, built with dynamic_img_size")
+    vit._pos_embed = MethodType(_pos_embed_bilinear, vit)
 
 
 def enable_fused_attention(module: nn.Module) -> None:
@@ -77,23 +131,63 @@ def read_vit_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise PretrainedWeightsError(f"could not read pretrained weights file {str(path)!r}: {err}") from err
 
 
-def build_vit_encoder(backbone: str, pretrained: str, image_size: int, drop_path_rate: float,
-                      overrides: dict | None = None) -> nn.Module:
+def hf_cache_file(hf_hub_id: str, filename: str) -> tuple[Path, Path, str]:
+    """Where the Hugging Face hub client caches ``filename`` of the repository ``hf_hub_id`` (``org/name``,
+    optionally ``@revision``): the repository's cache folder ``$HF_HUB_CACHE/models--<org>--<name>`` (HF_HUB_CACHE
+    defaults to $HF_HOME/hub), the file in it (``snapshots/<commit>/<filename>``, the commit written as ``*``),
+    and the file's download URL."""
+    repo_id, _, revision = hf_hub_id.partition("@")
+    folder = Path(hf_constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+    url = f"https://huggingface.co/{repo_id}/resolve/{revision or 'main'}/{filename}"
+    return folder, folder / "snapshots" / "*" / filename, url
+
+
+def load_timm_pretrained(encoder: VisionTransformer, backbone: str, filter_fn: Callable) -> None:
+    """timm's default pretrained weights for ``backbone`` through timm's loader (from the Hugging Face hub, or
+    from a URL through torch.hub for older entries; cached or downloaded). Not cached and no network:
+    PretrainedWeightsError naming the file expected in the cache."""
+    cfg = encoder.pretrained_cfg
+    weights = f"timm's pretrained weights of {backbone}"
+    try:
+        load_pretrained(encoder, num_classes=encoder.num_classes, in_chans=encoder.in_chans, filter_fn=filter_fn)
+    except LocalEntryNotFoundError as err:  # the hub client: not cached, and no network (or HF_HUB_OFFLINE=1)
+        # timm asks for model.safetensors first (then for the pytorch_model.bin of older repositories)
+        folder, expected, url = hf_cache_file(cfg["hf_hub_id"], cfg.get("hf_hub_filename") or "model.safetensors")
+        raise PretrainedWeightsError(missing_download_message(
+            weights, expected, url, "no network, or HF_HUB_OFFLINE is set",
+            f"Copy the folder {folder.name} from the Hugging Face cache of a machine with network")) from err
+    except URLError as err:  # torch.hub, for entries without a hub id
+        raise PretrainedWeightsError(missing_download_message(
+            weights, torch_hub_checkpoint(cfg["url"]), cfg["url"], str(err.reason), COPY_TO_TORCH_HUB)) from err
+
+
+def build_vit_encoder(backbone: str, pretrained: str, image_size: int, dropout: float = 0.0,
+                      drop_path_rate: float = 0.0, layer_norm_eps: float = 1e-5,
+                      pos_embed_interpolation: str = "reference", overrides: dict | None = None) -> VisionTransformer:
     """The encoder. ``pretrained``: ``imagenet`` (timm's default weights for ``backbone``, for
-    vit_base_patch16_384 the augreg in21k->in1k 384 px ones; timm's checkpoint filter resizes the position
-    embedding to ``image_size``), ``none`` (random init) or a path to a local timm-format state dict (loaded
-    through the same timm checkpoint filter; every key must match except the classifier ``head.*``)."""
-    encoder = timm.create_model(backbone, pretrained=pretrained == "imagenet",
-                                **vit_encoder_kwargs(image_size, drop_path_rate, overrides))
-    if pretrained not in ("imagenet", "none"):
+    vit_base_patch16_384 the augreg in21k->in1k 384 px ones), ``none`` (random init) or a path to a local
+    timm-format state dict (every key must match except the classifier ``head.*``). Pretrained weights go
+    through timm's checkpoint filter, which resizes the position-embedding grid to ``image_size`` (see
+    pretrained_filter). ``pos_embed_interpolation`` also picks how the grid is resampled for inputs of other
+    sizes at run time: ``reference`` bilinear, ``timm`` timm's bicubic with antialias."""
+    if pos_embed_interpolation not in POS_EMBED_INTERPOLATIONS:
+        raise ValueError(f"pos_embed_interpolation must be one of {POS_EMBED_INTERPOLATIONS}, "
+                         f"got {pos_embed_interpolation!r}")
+    encoder = timm.create_model(backbone, pretrained=False, **vit_encoder_kwargs(
+        image_size, dropout, drop_path_rate, layer_norm_eps, overrides))
+    filter_fn = pretrained_filter(pos_embed_interpolation)
+    if pretrained == "imagenet":
+        load_timm_pretrained(encoder, backbone, filter_fn)
+    elif pretrained != "none":
         state = read_vit_state_dict(pretrained)
         try:
-            # timm's own filter: resamples pos_embed (bicubic) and the patch kernel, drops pre_logits
-            state = checkpoint_filter_fn(state, encoder)
+            state = filter_fn(state, encoder)  # also resamples the patch kernel and drops pre_logits
         except Exception as err:
             raise PretrainedWeightsError(f"pretrained weights {str(pretrained)!r} could not be adapted to "
                                          f"{backbone}: {err}") from err
         load_matching(encoder, state, str(pretrained), ignore_prefixes=("head.",))
+    if pos_embed_interpolation == "reference":
+        use_reference_pos_embed_resampling(encoder)
     enable_fused_attention(encoder)
     return encoder
 
@@ -110,19 +204,25 @@ class MaskNormAffine(nn.Module):
 class Segmenter(IncrementalSegmenter):
     """ViT + Mask Transformer with one block of class embeddings and mask-norm parameters per step.
 
-    ``decoder_dropout`` / ``decoder_drop_path_rate`` default to the Segmenter reference configuration of the
-    Mask Transformer (dropout 0.1 on attention weights, projections and MLP; no stochastic depth);
-    ``drop_path_rate`` is the encoder's stochastic depth (reference 0.1).
+    The regularisation and normalisation arguments default to the MBS reference's training recipe:
+    ``encoder_dropout`` (see vit_encoder_kwargs) 0 and ``drop_path_rate`` (the encoder's stochastic depth,
+    rising linearly over its blocks as timm does) 0; ``decoder_dropout`` (attention weights, attention
+    projection, MLP) 0 and ``decoder_drop_path_rate`` 0.1, rising linearly from 0 over the decoder blocks
+    ([0.0, 0.1] for 2); ``layer_norm_eps`` 1e-5 for every LayerNorm of encoder and decoder (the mask norm has
+    its own ``mask_norm_eps``); ``pos_embed_interpolation`` ``reference`` (see build_vit_encoder).
     """
 
     def __init__(self, classes_per_step: list[int], backbone: str = "vit_base_patch16_384", pretrained: str = "none",
                  image_size: int = 512, decoder_layers: int = 2, decoder_heads: int = 12, decoder_dim: int = 768,
-                 drop_path_rate: float = 0.1, backbone_overrides: dict | None = None,
-                 decoder_dropout: float = 0.1, decoder_drop_path_rate: float = 0.0, mask_norm_eps: float = 1e-5):
+                 drop_path_rate: float = 0.0, backbone_overrides: dict | None = None,
+                 decoder_dropout: float = 0.0, decoder_drop_path_rate: float = 0.1, mask_norm_eps: float = 1e-5,
+                 encoder_dropout: float = 0.0, layer_norm_eps: float = 1e-5,
+                 pos_embed_interpolation: str = "reference"):
         super().__init__(classes_per_step)
         if self.num_classes < 2:
             raise ValueError("a Segmenter needs at least 2 classes (the mask norm standardises over classes)")
-        self.encoder = build_vit_encoder(backbone, pretrained, image_size, drop_path_rate, backbone_overrides)
+        self.encoder = build_vit_encoder(backbone, pretrained, image_size, encoder_dropout, drop_path_rate,
+                                         layer_norm_eps, pos_embed_interpolation, backbone_overrides)
         self.patch_size = tuple(self.encoder.patch_embed.patch_size)
         self.decoder_dim = decoder_dim
         self.mask_norm_eps = mask_norm_eps
@@ -131,10 +231,11 @@ class Segmenter(IncrementalSegmenter):
 
         self.proj_dec = nn.Linear(self.encoder.embed_dim, decoder_dim)
         rates = torch.linspace(0, decoder_drop_path_rate, decoder_layers).tolist()
+        norm_layer = partial(LayerNorm, eps=layer_norm_eps)
         self.blocks = nn.ModuleList(
             Block(decoder_dim, decoder_heads, mlp_ratio=4.0, qkv_bias=True, proj_drop=decoder_dropout,
-                  attn_drop=decoder_dropout, drop_path=rate) for rate in rates)
-        self.decoder_norm = nn.LayerNorm(decoder_dim)
+                  attn_drop=decoder_dropout, drop_path=rate, norm_layer=norm_layer) for rate in rates)
+        self.decoder_norm = norm_layer(decoder_dim)
         # the encoder keeps timm's init (or its pretrained weights); the decoder gets ViT-style init
         for module in (self.proj_dec, self.blocks, self.decoder_norm):
             module.apply(self._init_decoder_weights)

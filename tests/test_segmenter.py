@@ -1,28 +1,81 @@
-"""Segmenter (ViT + Mask Transformer) on a tiny random ViT: shapes, per-step layout, transfer, loading."""
+"""Segmenter (ViT + Mask Transformer) on a tiny random ViT: shapes, per-step layout, transfer, loading, and the
+reference recipe's regularisation, LayerNorm eps and position-embedding resampling."""
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from timm.layers import resample_abs_pos_embed
+from torch import nn
 
+from models import build_model
 from models.backbones import PretrainedWeightsError
-from models.segmenter import Segmenter, vit_encoder_kwargs
+from models.segmenter import Segmenter
 from utils.checkpoint import CheckpointError, load_model_weights
+from utils.config import ModelConfig
 
 TINY_VIT = {"embed_dim": 64, "depth": 2, "num_heads": 2, "patch_size": 8}
 
 
-def tiny(classes_per_step, image_size=32, pretrained="none", overrides=None, seed=0):
+def tiny(classes_per_step, image_size=32, pretrained="none", overrides=None, seed=0, **kwargs):
     torch.manual_seed(seed)
     return Segmenter(classes_per_step, pretrained=pretrained, image_size=image_size, decoder_layers=2,
-                     decoder_heads=2, decoder_dim=32, drop_path_rate=0.1,
-                     backbone_overrides=overrides or TINY_VIT)
+                     decoder_heads=2, decoder_dim=32, backbone_overrides=overrides or TINY_VIT, **kwargs)
 
 
 def tiny_timm_vit(img_size, **changes):
     """A timm ViT in the encoder's format, with a classification head (its keys must be ignored)."""
     return timm.create_model("vit_base_patch16_384", pretrained=False, img_size=img_size, **{**TINY_VIT, **changes})
+
+
+def resize_grid(pos_embed, old_grid, new_grid, mode, antialias):
+    """By hand: the class token's entry kept, the (old_grid) patch part resized with F.interpolate."""
+    dim = pos_embed.shape[-1]
+    grid = pos_embed[:, 1:].reshape(1, *old_grid, dim).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=new_grid, mode=mode, align_corners=False, antialias=antialias)
+    return torch.cat([pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)
+
+
+def added_pos_embed(encoder, height, width):
+    """The position embedding the encoder adds to a (height, width) input's tokens (class token included):
+    the patch embedding is replaced by zeros and the token sequence is read where timm applies pos_drop."""
+    seen = []
+    zero_patches = encoder.patch_embed.register_forward_hook(lambda module, args, out: torch.zeros_like(out))
+    capture = encoder.pos_drop.register_forward_hook(lambda module, args, out: seen.append(out.detach()))
+    try:
+        with torch.no_grad():
+            encoder.eval()(torch.randn(1, 3, height, width))
+    finally:
+        zero_patches.remove()
+        capture.remove()
+    (tokens,) = seen
+    return torch.cat([tokens[:, :1] - encoder.cls_token.detach(), tokens[:, 1:]], dim=1)
+
+
+def dropout_rates(module):
+    return {m.p for m in module.modules() if isinstance(m, nn.Dropout)}
+
+
+def drop_path_rates(blocks):
+    """Each block's stochastic-depth rate (timm leaves an Identity where the rate is 0); both residual branches
+    of a block share it."""
+    rates = []
+    for block in blocks:
+        pair = {getattr(block.drop_path1, "drop_prob", 0.0), getattr(block.drop_path2, "drop_prob", 0.0)}
+        assert len(pair) == 1
+        rates.append(pair.pop())
+    return rates
+
+
+def assert_reference_recipe(model):
+    """Issue 10 items 1-2: encoder dropout and drop-path 0; decoder dropout 0, drop-path [0.0, 0.1] over its 2
+    blocks; every LayerNorm (blocks, final norms) eps 1e-5."""
+    assert dropout_rates(model.encoder) == {0.0}
+    assert drop_path_rates(model.encoder.blocks) == [0.0] * len(model.encoder.blocks)
+    assert dropout_rates(model.blocks) == {0.0}
+    assert drop_path_rates(model.blocks) == pytest.approx([0.0, 0.1])
+    norms = [m for m in model.modules() if isinstance(m, nn.LayerNorm)]
+    assert len(norms) == 2 * len(model.encoder.blocks) + 1 + 2 * len(model.blocks) + 1
+    assert {m.eps for m in norms} == {1e-5}
 
 
 def test_shapes_two_steps():
@@ -171,18 +224,82 @@ def test_missing_local_pretrained_file(tmp_path, name):
         tiny([3], pretrained=str(tmp_path / name))
 
 
-def test_local_pretrained_file_resamples_pos_embed(tmp_path):
+# pos_embed_interpolation: how a pretrained grid is resized at load time, and the grid resampled at run time
+LOAD_RESIZE = {"reference": False, "timm": True}  # bicubic; the value: antialias
+
+
+@pytest.mark.parametrize("mode", ["reference", "timm"])
+def test_local_pretrained_file_resizes_pos_embed_grid(tmp_path, mode):
+    """A 6x6 pretrained grid into an 8x8 model grid (as 24x24 into 32x32 for 512 px): bicubic, without antialias
+    for the reference (timm 0.6.12), with it for timm's current rule."""
     torch.manual_seed(3)
-    source = tiny_timm_vit(img_size=64)  # 8x8 grid; the model below uses a 4x4 grid
+    source = tiny_timm_vit(img_size=48)
     path = tmp_path / "vit_tiny.pth"
     torch.save({"model": {f"module.{k}": v for k, v in source.state_dict().items()}}, path)
-    model = tiny([3], image_size=32, pretrained=str(path))
-    assert model.encoder.pos_embed.shape == (1, 17, 64)
-    expected = resample_abs_pos_embed(source.pos_embed.detach(), new_size=[4, 4], num_prefix_tokens=1)
-    assert torch.allclose(model.encoder.pos_embed, expected)
+    model = tiny([3], image_size=64, pretrained=str(path), pos_embed_interpolation=mode)
+    assert model.encoder.pos_embed.shape == (1, 65, 64)
+    pretrained = source.pos_embed.detach()
+    expected = {aa: resize_grid(pretrained, (6, 6), (8, 8), "bicubic", antialias=aa) for aa in (False, True)}
+    assert not torch.allclose(expected[False], expected[True], atol=1e-5)  # the two rules differ here
+    assert torch.allclose(model.encoder.pos_embed, expected[LOAD_RESIZE[mode]], atol=1e-6)
     assert torch.equal(model.encoder.blocks[1].attn.qkv.weight, source.blocks[1].attn.qkv.weight)
     assert torch.equal(model.encoder.cls_token, source.cls_token)
     assert model(torch.randn(1, 3, 40, 40)).logits.shape == (1, 3, 40, 40)
+
+
+@pytest.mark.parametrize("mode", ["reference", "timm"])
+def test_imagenet_pretrained_resizes_pos_embed_grid(tmp_path, mode):
+    """pretrained='imagenet' goes through timm's own loader; check offline, with a local file in place of the
+    hub's (timm's pretrained_cfg 'file' entry), that it resizes the grid by the same rule."""
+    torch.manual_seed(4)
+    source = tiny_timm_vit(img_size=48)  # 6x6 grid
+    path = tmp_path / "hub_stand_in.pth"
+    torch.save(source.state_dict(), path)
+    overrides = {**TINY_VIT, "pretrained_cfg_overlay": {"file": str(path)}}
+    model = tiny([3], image_size=64, pretrained="imagenet", overrides=overrides, pos_embed_interpolation=mode)
+    expected = resize_grid(source.pos_embed.detach(), (6, 6), (8, 8), "bicubic", antialias=LOAD_RESIZE[mode])
+    assert torch.allclose(model.encoder.pos_embed, expected, atol=1e-6)
+    assert torch.equal(model.encoder.blocks[0].mlp.fc1.weight, source.blocks[0].mlp.fc1.weight)
+
+
+@pytest.mark.parametrize("mode, interpolation, antialias", [("reference", "bilinear", False),
+                                                            ("timm", "bicubic", True)])
+def test_pos_embed_resampled_for_other_input_sizes(mode, interpolation, antialias):
+    """At the model's own size (32 px: 4x4) the grid is used as it is; at 37x50 (padded to a 5x7 grid) the
+    reference resamples it bilinearly, align_corners=False, no antialias; timm bicubically with antialias."""
+    model = tiny([3], image_size=32, pos_embed_interpolation=mode)
+    pos_embed = model.encoder.pos_embed.detach()
+    assert torch.allclose(added_pos_embed(model.encoder, 32, 32), pos_embed)
+    expected = resize_grid(pos_embed, (4, 4), (5, 7), interpolation, antialias)
+    assert torch.allclose(added_pos_embed(model.encoder, 37, 50), expected, atol=1e-6)
+
+
+def test_reference_recipe_is_the_default():
+    assert_reference_recipe(tiny([3, 2]))
+
+
+def test_regularisation_and_eps_are_settable():
+    model = tiny([3], encoder_dropout=0.2, drop_path_rate=0.3, decoder_dropout=0.4, decoder_drop_path_rate=0.0,
+                 layer_norm_eps=1e-6)
+    assert dropout_rates(model.encoder.blocks) == {0.2} and model.encoder.pos_drop.p == 0.2
+    assert drop_path_rates(model.encoder.blocks) == pytest.approx([0.0, 0.3])  # timm: linear over the blocks
+    assert dropout_rates(model.blocks) == {0.4} and drop_path_rates(model.blocks) == [0.0, 0.0]
+    assert {m.eps for m in model.modules() if isinstance(m, nn.LayerNorm)} == {1e-6}
+
+
+def test_build_model_passes_every_model_key():
+    cfg = ModelConfig(architecture="segmenter", backbone="vit_base_patch16_384", pretrained="none", decoder_layers=3,
+                      decoder_heads=2, decoder_dim=16, encoder_dropout=0.2, encoder_drop_path_rate=0.3,
+                      decoder_dropout=0.4, decoder_drop_path_rate=0.5, layer_norm_eps=1e-4,
+                      pos_embed_interpolation="timm", backbone_overrides=TINY_VIT)
+    model = build_model(cfg, [3, 2], image_size=32)
+    assert dropout_rates(model.encoder.blocks) == {0.2} and model.encoder.pos_drop.p == 0.2
+    assert drop_path_rates(model.encoder.blocks) == pytest.approx([0.0, 0.3])
+    assert dropout_rates(model.blocks) == {0.4}
+    assert drop_path_rates(model.blocks) == pytest.approx([0.0, 0.25, 0.5])
+    assert {m.eps for m in model.modules() if isinstance(m, nn.LayerNorm)} == {1e-4}
+    expected = resize_grid(model.encoder.pos_embed.detach(), (4, 4), (5, 7), "bicubic", antialias=True)
+    assert torch.allclose(added_pos_embed(model.encoder, 37, 50), expected, atol=1e-6)
 
 
 def test_local_safetensors_file(tmp_path):
@@ -191,19 +308,6 @@ def test_local_safetensors_file(tmp_path):
     save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
     model = tiny([3], image_size=32, pretrained=str(path))
     assert torch.equal(model.encoder.pos_embed, source.pos_embed)
-
-
-def test_timm_pretrained_mechanism_resamples_pos_embed(tmp_path):
-    """pretrained='imagenet' goes through timm's own loader; check (offline, with a local file in place of the
-    hub) that it resizes a 384-style grid to the model's grid with the encoder's arguments."""
-    torch.manual_seed(4)
-    source = tiny_timm_vit(img_size=48)  # 6x6 grid
-    path = tmp_path / "hub_stand_in.pth"
-    torch.save(source.state_dict(), path)
-    encoder = timm.create_model("vit_base_patch16_384", pretrained=True, pretrained_cfg_overlay={"file": str(path)},
-                                **vit_encoder_kwargs(32, 0.0, TINY_VIT))
-    expected = resample_abs_pos_embed(source.pos_embed.detach(), new_size=[4, 4], num_prefix_tokens=1)
-    assert torch.allclose(encoder.pos_embed, expected)
 
 
 def test_mismatched_local_pretrained_file(tmp_path):

@@ -9,8 +9,10 @@ import pytest
 import torch
 import yaml
 
+from models import build_model
 from models.segmenter import Segmenter
 from tests.conftest import ROOT
+from tests.test_segmenter import added_pos_embed, assert_reference_recipe, resize_grid
 from trainer.methods import build_method
 from utils.config import MethodConfig, load_config
 
@@ -37,6 +39,27 @@ def test_vit_configs_have_the_reference_hyperparameters():
     assert (voc.train.batch_size, ade.train.batch_size) == (16, 8)
     assert (voc.train.lr_incremental, ade.train.lr_incremental) == (1e-4, 5e-4)
     assert (voc.method.output_distill_weight, ade.method.output_distill_weight) == (25.0, 50.0)
+
+
+# issue 10 items 1-3: the authors' Segmenter training recipe
+REFERENCE_RECIPE = {"encoder_dropout": 0.0, "encoder_drop_path_rate": 0.0, "decoder_dropout": 0.0,
+                    "decoder_drop_path_rate": 0.1, "layer_norm_eps": 1e-5, "pos_embed_interpolation": "reference"}
+
+
+@pytest.mark.parametrize("config", ["configs/voc_vit.yaml", "configs/ade20k_vit.yaml"])
+def test_models_from_the_vit_configs_follow_the_reference_recipe(config):
+    """Each key is set in the config file itself (not left to a default) and reaches the model built from it (a
+    tiny random ViT in place of ViT-B: dropout, drop-path, LayerNorm eps, run-time position-embedding resampling;
+    the pretrained-grid resize: tests/test_segmenter.py)."""
+    model_section = yaml.safe_load((ROOT / config).read_text())["model"]
+    assert {key: model_section.get(key) for key in REFERENCE_RECIPE} == REFERENCE_RECIPE
+    cfg = load_config(ROOT / config, ["model.pretrained=none", f"model.backbone_overrides={json.dumps(TINY_VIT)}"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, [3, 2], image_size=32)
+    assert_reference_recipe(model)
+    pos_embed = model.encoder.pos_embed.detach()
+    expected = resize_grid(pos_embed, (4, 4), (5, 7), "bilinear", antialias=False)
+    assert torch.allclose(added_pos_embed(model.encoder, 37, 50), expected, atol=1e-6)
 
 
 def test_main_sh_points_at_the_vit_configs():
