@@ -14,7 +14,7 @@ def build_model(cfg, classes_per_step: list[int], image_size: int = 512) -> Incr
         return Segmenter(classes_per_step, backbone=cfg.backbone, pretrained=cfg.pretrained, image_size=image_size,
                          decoder_layers=cfg.decoder_layers, decoder_heads=cfg.decoder_heads,
                          decoder_dim=cfg.decoder_dim, encoder_dropout=cfg.encoder_dropout,
-                         drop_path_rate=cfg.encoder_drop_path_rate, decoder_dropout=cfg.decoder_dropout,
+                         encoder_drop_path_rate=cfg.encoder_drop_path_rate, decoder_dropout=cfg.decoder_dropout,
                          decoder_drop_path_rate=cfg.decoder_drop_path_rate, layer_norm_eps=cfg.layer_norm_eps,
                          pos_embed_interpolation=cfg.pos_embed_interpolation,
                          backbone_overrides=cfg.backbone_overrides)

@@ -205,7 +205,7 @@ class Segmenter(IncrementalSegmenter):
     """ViT + Mask Transformer with one block of class embeddings and mask-norm parameters per step.
 
     The regularisation and normalisation arguments default to the MBS reference's training recipe:
-    ``encoder_dropout`` (see vit_encoder_kwargs) 0 and ``drop_path_rate`` (the encoder's stochastic depth,
+    ``encoder_dropout`` (see vit_encoder_kwargs) 0 and ``encoder_drop_path_rate`` (stochastic depth,
     rising linearly over its blocks as timm does) 0; ``decoder_dropout`` (attention weights, attention
     projection, MLP) 0 and ``decoder_drop_path_rate`` 0.1, rising linearly from 0 over the decoder blocks
     ([0.0, 0.1] for 2); ``layer_norm_eps`` 1e-5 for every LayerNorm of encoder and decoder (the mask norm has
@@ -214,14 +214,14 @@ class Segmenter(IncrementalSegmenter):
 
     def __init__(self, classes_per_step: list[int], backbone: str = "vit_base_patch16_384", pretrained: str = "none",
                  image_size: int = 512, decoder_layers: int = 2, decoder_heads: int = 12, decoder_dim: int = 768,
-                 drop_path_rate: float = 0.0, backbone_overrides: dict | None = None,
+                 encoder_drop_path_rate: float = 0.0, backbone_overrides: dict | None = None,
                  decoder_dropout: float = 0.0, decoder_drop_path_rate: float = 0.1, mask_norm_eps: float = 1e-5,
                  encoder_dropout: float = 0.0, layer_norm_eps: float = 1e-5,
                  pos_embed_interpolation: str = "reference"):
         super().__init__(classes_per_step)
         if self.num_classes < 2:
             raise ValueError("a Segmenter needs at least 2 classes (the mask norm standardises over classes)")
-        self.encoder = build_vit_encoder(backbone, pretrained, image_size, encoder_dropout, drop_path_rate,
+        self.encoder = build_vit_encoder(backbone, pretrained, image_size, encoder_dropout, encoder_drop_path_rate,
                                          layer_norm_eps, pos_embed_interpolation, backbone_overrides)
         self.patch_size = tuple(self.encoder.patch_embed.patch_size)
         self.decoder_dim = decoder_dim
@@ -286,8 +286,8 @@ class Segmenter(IncrementalSegmenter):
         the std, as the reference), then scale and shift with each step's own affine parameters."""
         mean = masks.mean(dim=-1, keepdim=True)
         std = masks.std(dim=-1, keepdim=True)
-        weight = torch.cat([norm.weight for norm in self.mask_norms])
-        bias = torch.cat([norm.bias for norm in self.mask_norms])
+        weight = torch.cat([norm.weight for norm in self.mask_norms]).to(masks.dtype)
+        bias = torch.cat([norm.bias for norm in self.mask_norms]).to(masks.dtype)
         return (masks - mean) / (std + self.mask_norm_eps) * weight + bias
 
     def forward(self, images: torch.Tensor) -> SegmentationOutput:
@@ -305,8 +305,9 @@ class Segmenter(IncrementalSegmenter):
         # cosine scores and their standardisation are precision-sensitive and cheap: keep them in fp32
         with torch.autocast(device_type=images.device.type, enabled=False):
             x = x.float()
-            patches = x[:, :n_patches] @ self.proj_patch                           # (B, N, D)
-            class_out = x[:, n_patches:] @ self.proj_classes                       # (B, C, D)
+            # .float(): a frozen old model may keep its weights in the training dtype (trainer/step.py)
+            patches = x[:, :n_patches] @ self.proj_patch.float()                   # (B, N, D)
+            class_out = x[:, n_patches:] @ self.proj_classes.float()               # (B, C, D)
             masks = F.normalize(patches, dim=-1) @ F.normalize(class_out, dim=-1).transpose(1, 2)  # (B, N, C)
             masks = self.normalize_masks(masks)
             logits_lowres = masks.transpose(1, 2).reshape(B, self.num_classes, h, w)

@@ -14,7 +14,7 @@ def tiny(architecture: str, classes_per_step: list[int]):
     if architecture == "deeplabv3":
         return DeepLabV3(classes_per_step, "resnet18", "none", 16, head_channels=32)
     return Segmenter(classes_per_step, pretrained="none", image_size=32, decoder_layers=2, decoder_heads=2,
-                     decoder_dim=32, drop_path_rate=0.1, backbone_overrides=TINY_VIT)
+                     decoder_dim=32, encoder_drop_path_rate=0.1, backbone_overrides=TINY_VIT)
 
 
 ARCHITECTURES = ["deeplabv3", "segmenter"]
@@ -49,3 +49,18 @@ def test_parameter_groups_cover_every_parameter(architecture):
     groups = model.parameter_groups()
     ids = [id(p) for group in groups.values() for p in group]
     assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+def test_frozen_model_runs_with_weights_in_the_training_dtype(architecture):
+    """trainer/step.py keeps the frozen old model in the mixed-precision dtype on GPUs (half the memory, no
+    per-iteration weight casts): its forward must accept low-precision weights under autocast."""
+    model = tiny(architecture, [3, 2]).eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = model(images).logits
+        model.to(torch.bfloat16)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(images).logits
+    assert low.shape == reference.shape and torch.isfinite(low).all()
+    assert (low.float().argmax(1) == reference.argmax(1)).float().mean() > 0.5  # the same model, coarser numbers

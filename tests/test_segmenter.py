@@ -279,7 +279,7 @@ def test_reference_recipe_is_the_default():
 
 
 def test_regularisation_and_eps_are_settable():
-    model = tiny([3], encoder_dropout=0.2, drop_path_rate=0.3, decoder_dropout=0.4, decoder_drop_path_rate=0.0,
+    model = tiny([3], encoder_dropout=0.2, encoder_drop_path_rate=0.3, decoder_dropout=0.4, decoder_drop_path_rate=0.0,
                  layer_norm_eps=1e-6)
     assert dropout_rates(model.encoder.blocks) == {0.2} and model.encoder.pos_drop.p == 0.2
     assert drop_path_rates(model.encoder.blocks) == pytest.approx([0.0, 0.3])  # timm: linear over the blocks
