@@ -13,6 +13,7 @@ import sys
 
 from utils.config import ConfigError, load_config
 from utils.errors import UserError
+from utils.run_folder import RunFolderError, check_output_folder
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,8 +34,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.opt)
+        if not args.eval_only:
+            check_output_folder(cfg.run_dir)  # before a log file is opened there or any data is read
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except RunFolderError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
 
     # Heavy imports after the config is known to be valid, so config errors come back fast.

@@ -10,7 +10,9 @@
 # Environment: GPUS (processes per node, default 1), VOC_ROOT / ADE_ROOT (data roots,
 # default data), OUT (runs folder, default runs), METHOD (mbs | baseline | finetune),
 # EXTRA (more --opt overrides, e.g. "train.amp=fp16"). Every run is launched with
-# --resume, so re-running main.sh after an interruption continues where it stopped.
+# --resume, so re-running main.sh after an interruption continues where it stopped; after a change of
+# config or EXTRA that changes the experiment, a run folder with finished steps refuses to continue
+# (naming the differing keys): give the new recipe another OUT.
 set -euo pipefail
 cd "$(dirname "$0")"
 

@@ -20,6 +20,7 @@ from torch import nn
 from datasets.class_lists import load_class_lists
 from datasets.incremental import IncrementalSegmentation, train_dataset, val_dataset
 from datasets.labels import class_names
+from datasets.preflight import preflight
 from datasets.tasks import get_task
 from datasets.transforms import eval_transforms, train_transforms
 from models import build_model
@@ -59,6 +60,7 @@ class IncrementalTrainer:
         self.names = class_names(self.task, cfg.data.root, cfg.data.synthetic.enabled)
         # A no-op until run() has checked the run folder: a refused run or --eval-only writes no event file.
         self.writer = TensorboardWriter(None, False)
+        self.skipped_bad_files: dict[str, int] = {}  # per split, set by the data preflight (rank 0)
 
     # ---------------------------------------------------------------- set-up
     def prepare_data(self) -> None:
@@ -69,9 +71,12 @@ class IncrementalTrainer:
     def _prepare_data(self) -> None:
         data = self.cfg.data
         self.ensure_synthetic_data()
-        load_class_lists(data.dataset, data.root, "train", data.class_lists, data.cache_dir)
-        if self.cfg.train.validation != "off":  # selection_loader reads the val lists on every rank
-            load_class_lists(data.dataset, data.root, "val", None, data.cache_dir)
+        # every train and val sample checked before step 0 trains (the test reads the whole val split)
+        self.skipped_bad_files = preflight(data.dataset, data.root, data.cache_dir, data.skip_bad_files,
+                                           self.run_dir, self.log)
+        if data.class_lists:  # it must cover the training split
+            load_class_lists(data.dataset, data.root, "train", data.class_lists, data.cache_dir,
+                             skip_bad_files=data.skip_bad_files)
 
     def ensure_synthetic_data(self) -> None:
         """Generate the built-in synthetic dataset at data.root if the config asks for it and it is absent."""
@@ -133,7 +138,8 @@ class IncrementalTrainer:
         model, old_model = self.models_for_step(step, method)
         train_set = train_dataset(self.task, step, cfg.data.root, cfg.data.setting == "disjoint",
                                   train_transforms(cfg.data.base_size, cfg.data.crop_size, cfg.data.scale_range),
-                                  cfg.data.class_lists, cfg.data.cache_dir, progress=self.ctx.is_main)
+                                  cfg.data.class_lists, cfg.data.cache_dir, progress=self.ctx.is_main,
+                                  skip_bad_files=cfg.data.skip_bad_files)
         run = StepRun(step, model, old_model, method, plan_step(cfg.train, step, len(train_set)), cfg.train,
                       self.ctx)
         self.resume_in_step(run)
@@ -237,7 +243,8 @@ class IncrementalTrainer:
                 "task": self.task.name, "setting": cfg.data.setting, "method": self.switches.describe(),
                 "architecture": f"{cfg.model.architecture} {cfg.model.backbone}",
                 "checkpoint_policy": cfg.train.checkpoint_policy, "eval_mode": cfg.data.eval_mode,
-                "crop_size": cfg.data.crop_size, "processes": self.ctx.world_size}
+                "crop_size": cfg.data.crop_size, "processes": self.ctx.world_size,
+                "skipped_bad_files": self.skipped_bad_files}
 
     def previous_results(self) -> list[dict]:
         """Metrics of steps finished before start_step (from their checkpoints), so results.json stays whole."""
@@ -253,7 +260,8 @@ class IncrementalTrainer:
         data = self.cfg.data
         dataset = val_dataset(self.task, step, data.root, eval_transforms(data.eval_mode, data.base_size,
                                                                           data.crop_size),
-                              only_classes=only_classes, cache_dir=data.cache_dir, progress=self.ctx.is_main)
+                              only_classes=only_classes, cache_dir=data.cache_dir, progress=self.ctx.is_main,
+                              skip_bad_files=data.skip_bad_files)
         batch = 1 if data.eval_mode == "full" else self.cfg.train.val_batch_size
         return eval_loader(dataset, batch, self.ctx, data.num_workers)
 

@@ -15,6 +15,8 @@ from typing import Callable, Optional, TypeVar
 import torch
 import torch.distributed as dist
 
+from utils.config import check_device
+
 
 @dataclass
 class DistContext:
@@ -38,8 +40,7 @@ def init_distributed(device: str = "auto", local_rank: Optional[int] = None) -> 
     if local_rank is None:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was asked for but CUDA is not available")
+    check_device(device)  # load_config checked it already; this is for callers that build no Config
     if use_cuda:
         torch.cuda.set_device(local_rank)
         torch_device = torch.device("cuda", local_rank)
