@@ -12,7 +12,8 @@ import argparse
 import sys
 
 from utils.config import ConfigError, load_config
-from utils.errors import RunInterrupted, UserError
+from utils.errors import RunInterrupted, UserError, one_line
+from utils.run_folder import RunFolderError, check_output_folder
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -33,8 +34,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.config, args.opt)
+        if not args.eval_only:
+            check_output_folder(cfg.run_dir)  # before a log file is opened there or any data is read
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except RunFolderError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
 
     # Heavy imports after the config is known to be valid, so config errors come back fast.
@@ -59,7 +65,7 @@ def main(argv=None) -> int:
         except UserError as err:
             # Bad input (config, data, run folder, checkpoint, weights): one clear line, no traceback.
             # Anything else is a bug and keeps its traceback.
-            log.error("%s: %s", type(err).__name__, err)
+            log.error("%s: %s", type(err).__name__, one_line(err))
             return 2
         except RunInterrupted as stop:  # every rank stopped after the same iteration, its work saved
             failed = False

@@ -13,6 +13,8 @@
 # --resume, so re-running main.sh after an interruption continues where it stopped, and with
 # train.step0_checkpoint=auto: tasks (and methods) that share step 0 train it once; the
 # families run one after the other (15-1 then 15-5; 100-50, 100-10, 100-5).
+# After a change of config or EXTRA that changes the experiment, a run folder with finished
+# steps refuses to continue (naming the differing keys): give the new recipe another OUT.
 set -euo pipefail
 cd "$(dirname "$0")"
 

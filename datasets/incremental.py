@@ -19,7 +19,7 @@ from utils.errors import UserError
 
 from .class_lists import load_class_lists
 from .labels import label_lookup
-from .layout import SplitFiles, split_files
+from .layout import SplitFiles
 from .splits import selection_image_ids, step_image_ids
 from .tasks import Task
 
@@ -67,30 +67,26 @@ class IncrementalSegmentation(Dataset):
 
 def train_dataset(task: Task, step: int, root: str, disjoint: bool, transform: Callable,
                   class_lists_file: Optional[str] = None, cache_dir: Optional[str] = None,
-                  progress: bool = True) -> IncrementalSegmentation:
-    files, lists = load_class_lists(task.dataset, root, "train", class_lists_file, cache_dir, progress)
+                  progress: bool = True, skip_bad_files: bool = False) -> IncrementalSegmentation:
+    files, lists = load_class_lists(task.dataset, root, "train", class_lists_file, cache_dir, progress,
+                                    skip_bad_files)
     ids = step_image_ids(lists, task, step, disjoint, ids=files.ids)
     if not ids:
         raise DatasetError(f"step {step} of task {task.name} selects no training image from {files.base}")
     return IncrementalSegmentation(files, ids, label_lookup(task, step, "train"), transform)
 
 
-def val_dataset(task: Task, step: int, root: str, transform: Callable, only_classes: Optional[list[int]] = None,
-                cache_dir: Optional[str] = None, progress: bool = True) -> IncrementalSegmentation:
-    """The whole validation set, or (``only_classes``: dataset class ids) the images containing one of them."""
-    files = split_files(task.dataset, root, "val")
-    ids = list(files.ids)
-    if only_classes:
-        _, lists = load_class_lists(task.dataset, root, "val", None, cache_dir, progress)
-        wanted = frozenset(only_classes)
-        ids = [i for i in ids if lists[i] & wanted]
-    return IncrementalSegmentation(files, ids, label_lookup(task, step, "val"), transform)
+def val_dataset(task: Task, step: int, root: str, transform: Callable, cache_dir: Optional[str] = None,
+                progress: bool = True, skip_bad_files: bool = False) -> IncrementalSegmentation:
+    """The whole validation set (the test); bad samples are an error, or with ``skip_bad_files`` left out."""
+    files, _ = load_class_lists(task.dataset, root, "val", None, cache_dir, progress, skip_bad_files)
+    return IncrementalSegmentation(files, list(files.ids), label_lookup(task, step, "val"), transform)
 
 
 def selection_dataset(task: Task, step: int, root: str, transform: Callable, cache_dir: Optional[str] = None,
-                      progress: bool = True) -> IncrementalSegmentation:
+                      progress: bool = True, skip_bad_files: bool = False) -> IncrementalSegmentation:
     """What the reference validates on to keep its "best" weights at ``step``: the val images showing a class
     of the step, labelled with the step's classes only (everything else background)."""
-    files, lists = load_class_lists(task.dataset, root, "val", None, cache_dir, progress)
+    files, lists = load_class_lists(task.dataset, root, "val", None, cache_dir, progress, skip_bad_files)
     ids = selection_image_ids(lists, task, step, files.ids)
     return IncrementalSegmentation(files, ids, label_lookup(task, step, "selection"), transform)

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from datasets.class_lists import ClassListError, load_class_lists, read_class_lists
-from datasets.incremental import train_dataset, val_dataset
+from datasets.incremental import selection_dataset, train_dataset, val_dataset
 from datasets.labels import label_lookup
 from datasets.layout import DatasetLayoutError, split_files
 from datasets.tasks import get_task
@@ -125,7 +125,8 @@ def test_step_dataset_selection_and_labels(voc):
     assert label.dtype == torch.int64 and set(label.unique().tolist()) == {0, 3}  # class 1 rewritten to 0
     disjoint0 = train_dataset(task, 0, str(root), disjoint=True, transform=plain, progress=False)
     assert disjoint0.ids == ["a"]  # b holds the future class 3
-    only3 = val_dataset(task, 1, str(root), plain, only_classes=[3], progress=False)
+    assert val_dataset(task, 1, str(root), plain, progress=False).ids == ["v1", "v2"]
+    only3 = selection_dataset(task, 1, str(root), plain, progress=False)  # val images showing step 1's class 3
     assert only3.ids == ["v2"]
 
 

@@ -21,6 +21,7 @@ from torch import nn
 from datasets.class_lists import load_class_lists
 from datasets.incremental import IncrementalSegmentation, selection_dataset, train_dataset, val_dataset
 from datasets.labels import class_names
+from datasets.preflight import preflight
 from datasets.tasks import get_task
 from datasets.transforms import eval_transforms, train_transforms
 from models import build_model
@@ -71,6 +72,7 @@ class IncrementalTrainer:
         # A no-op until run() has checked the run folder: a refused run or --eval-only writes no event file.
         self.writer = TensorboardWriter(None, False)
         self.stop = StopRequest()  # SIGTERM / SIGINT: finish the iteration, save, stop (see run())
+        self.skipped_bad_files: dict[str, int] = {}  # per split, set by the data preflight (rank 0)
 
     # ---------------------------------------------------------------- set-up
     def prepare_data(self) -> None:
@@ -81,9 +83,12 @@ class IncrementalTrainer:
     def _prepare_data(self) -> None:
         data = self.cfg.data
         self.ensure_synthetic_data()
-        load_class_lists(data.dataset, data.root, "train", data.class_lists, data.cache_dir)
-        if self.cfg.train.validation != "none":  # selection_loader reads the val lists on every rank
-            load_class_lists(data.dataset, data.root, "val", None, data.cache_dir)
+        # every train and val sample checked before step 0 trains (the test reads the whole val split)
+        self.skipped_bad_files = preflight(data.dataset, data.root, data.cache_dir, data.skip_bad_files,
+                                           self.run_dir, self.log)
+        if data.class_lists:  # it must cover the training split
+            load_class_lists(data.dataset, data.root, "train", data.class_lists, data.cache_dir,
+                             skip_bad_files=data.skip_bad_files)
 
     def ensure_synthetic_data(self) -> None:
         """Generate the built-in synthetic dataset at data.root if the config asks for it and it is absent."""
@@ -167,7 +172,8 @@ class IncrementalTrainer:
         model, old_model = self.models_for_step(step, method)
         train_set = train_dataset(self.task, step, cfg.data.root, cfg.data.setting == "disjoint",
                                   train_transforms(cfg.data.base_size, cfg.data.crop_size, cfg.data.scale_range),
-                                  cfg.data.class_lists, cfg.data.cache_dir, progress=self.ctx.is_main)
+                                  cfg.data.class_lists, cfg.data.cache_dir, progress=self.ctx.is_main,
+                                  skip_bad_files=cfg.data.skip_bad_files)
         run = StepRun(step, model, old_model, method, plan_step(cfg.train, step, len(train_set)), cfg.train,
                       self.ctx)
         self.resume_in_step(run)
@@ -283,7 +289,8 @@ class IncrementalTrainer:
                 "task": self.task.name, "setting": cfg.data.setting, "method": self.switches.describe(),
                 "architecture": f"{cfg.model.architecture} {cfg.model.backbone}",
                 "checkpoint_policy": cfg.train.checkpoint_policy, "eval_mode": cfg.data.eval_mode,
-                "crop_size": cfg.data.crop_size, "processes": self.ctx.world_size}
+                "crop_size": cfg.data.crop_size, "processes": self.ctx.world_size,
+                "skipped_bad_files": self.skipped_bad_files}
 
     def previous_results(self) -> list[dict]:
         """Metrics of steps finished before start_step (from their checkpoints), so results.json stays whole."""
@@ -296,20 +303,19 @@ class IncrementalTrainer:
 
     # ------------------------------------------------------------ evaluation
     def test_loader(self, step: int):
-        data = self.cfg.data
-        dataset = val_dataset(self.task, step, data.root, eval_transforms(data.eval_mode, data.base_size,
-                                                                          data.crop_size),
-                              cache_dir=data.cache_dir, progress=self.ctx.is_main)
-        batch = 1 if data.eval_mode == "full" else self.cfg.train.val_batch_size
-        return eval_loader(dataset, batch, self.ctx, data.num_workers)
+        """The test after a step: the whole validation set, classes seen so far."""
+        return self.eval_loader(val_dataset, step)
 
     def selection_loader(self, step: int):
         """Validation during a step, as the reference selects its "best" weights: the val images showing a
         class of the step, every other class labelled background (datasets.incremental.selection_dataset)."""
+        return self.eval_loader(selection_dataset, step)
+
+    def eval_loader(self, make_dataset, step: int):
         data = self.cfg.data
-        dataset = selection_dataset(self.task, step, data.root,
-                                    eval_transforms(data.eval_mode, data.base_size, data.crop_size),
-                                    cache_dir=data.cache_dir, progress=self.ctx.is_main)
+        dataset = make_dataset(self.task, step, data.root,
+                               eval_transforms(data.eval_mode, data.base_size, data.crop_size),
+                               cache_dir=data.cache_dir, progress=self.ctx.is_main, skip_bad_files=data.skip_bad_files)
         batch = 1 if data.eval_mode == "full" else self.cfg.train.val_batch_size
         return eval_loader(dataset, batch, self.ctx, data.num_workers)
 

@@ -10,7 +10,6 @@ per epoch); it yields the batches of iterations ``start_iteration .. total - 1``
 from __future__ import annotations
 
 import random
-import signal
 
 import numpy as np
 import torch
@@ -96,15 +95,11 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-def _init_worker(worker_id: int) -> None:
+def _seed_worker(worker_id: int) -> None:
     # torch seeds each worker from the loader's generator; derive numpy/random from it.
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
-    # A stop signal is the main process's to handle (it finishes the iteration and saves); a worker killed by
-    # it would abort the main process mid-iteration instead. Workers exit when the main process closes them.
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_IGN)
 
 
 def iterations_per_epoch(dataset_size: int, global_batch: int) -> int:
@@ -119,7 +114,7 @@ def train_loader(dataset: Dataset, global_batch: int, ctx: DistContext, seed: in
                           start_iteration)
     generator = torch.Generator().manual_seed(seed * 7919 + ctx.rank)
     return DataLoader(SeededSamples(dataset), batch_size=per_rank, sampler=sampler, num_workers=num_workers,
-                      drop_last=True, pin_memory=ctx.device.type == "cuda", worker_init_fn=_init_worker,
+                      drop_last=True, pin_memory=ctx.device.type == "cuda", worker_init_fn=_seed_worker,
                       generator=generator)
 
 
@@ -127,5 +122,5 @@ def eval_loader(dataset: Dataset, batch_size: int, ctx: DistContext, num_workers
     # a generator of its own: without one, every pass would draw its workers' seed from the global generator
     # and move the dropout draws of the training that follows a validation
     return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), ctx),
-                      num_workers=num_workers, pin_memory=ctx.device.type == "cuda", worker_init_fn=_init_worker,
+                      num_workers=num_workers, pin_memory=ctx.device.type == "cuda", worker_init_fn=_seed_worker,
                       generator=torch.Generator())

@@ -7,18 +7,18 @@ A run folder holds::
     checkpoints/step{t}_best.pt      best-so-far weights of step t (checkpoint_policy=best)
 
 A finished-step file is only ever written complete, so its presence means the
-step is done; ``--resume`` never retrains it.
+step is done; ``--resume`` never retrains it. A failed write (disk full) leaves the
+previous version of the file and raises :class:`utils.files.FileWriteError`.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from utils.errors import UserError
-from utils.files import temporary_sibling
+from utils.files import atomic_write
 
 
 class CheckpointError(UserError):
@@ -38,11 +38,9 @@ def best_checkpoint(run_dir: Path, step: int) -> Path:
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_sibling(path)
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    # Into an open file, not a path: torch's own file writer reports a full disk as an opaque
+    # RuntimeError ("unexpected pos ..."), a Python file as OSError ENOSPC.
+    atomic_write(path, lambda file: torch.save(state, file))
 
 
 def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

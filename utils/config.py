@@ -163,6 +163,7 @@ CHOICES = {
     "train.amp": {"bf16", "fp16", "none"},
     "train.checkpoint_policy": {"last", "best"},
     "device": {"auto", "cpu", "cuda"},
+    "model.output_stride": {8, 16},
 }
 
 
@@ -220,18 +221,71 @@ def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
             setattr(obj, key, _check_value(full, value, hints[key]))
 
 
+@dataclass(frozen=True)
+class Range:
+    """The numbers a config key allows; ``None`` (an optional key left at null) always passes."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False     # low itself is not allowed
+    high_open: bool = False
+
+    def allows(self, value: float) -> bool:
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low}"
+        return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+
+
+POSITIVE, AT_LEAST_0, AT_LEAST_1 = Range(0, low_open=True), Range(0), Range(1)
+FRACTION, PROBABILITY = Range(0, 1), Range(0, 1, high_open=True)
+
+# Every numeric key and the values it allows, checked when a config is loaded. Intervals used as a modulus
+# are >= 1; checkpoint_interval and image_log_interval also take 0 (never / once per epoch).
+RANGES: dict[str, Range] = {
+    "start_step": AT_LEAST_0, "end_step": AT_LEAST_0,
+    "data.base_size": AT_LEAST_1, "data.crop_size": AT_LEAST_1,
+    "data.num_workers": AT_LEAST_0, "data.prefetch_factor": AT_LEAST_1,
+    "data.synthetic.num_train": AT_LEAST_1, "data.synthetic.num_val": AT_LEAST_1,
+    "data.synthetic.image_size": Range(16),  # the generator draws nothing smaller
+    "model.head_channels": AT_LEAST_1, "model.decoder_layers": AT_LEAST_1, "model.decoder_heads": AT_LEAST_1,
+    "model.decoder_dim": AT_LEAST_1, "model.layer_norm_eps": POSITIVE,
+    "model.encoder_dropout": PROBABILITY, "model.encoder_drop_path_rate": PROBABILITY,
+    "model.decoder_dropout": PROBABILITY, "model.decoder_drop_path_rate": PROBABILITY,
+    "method.pseudo_threshold": FRACTION,
+    "method.output_distill_weight": AT_LEAST_0, "method.feature_distill_weight": AT_LEAST_0,
+    "method.ortho_weight": AT_LEAST_0, "method.class_embedding_distill_weight": AT_LEAST_0,
+    "train.epochs": AT_LEAST_1, "train.epochs_incremental": AT_LEAST_1,
+    "train.batch_size": AT_LEAST_1, "train.val_batch_size": AT_LEAST_1,
+    "train.lr": POSITIVE, "train.lr_incremental": POSITIVE, "train.poly_power": AT_LEAST_0,
+    "train.head_lr_multiplier": POSITIVE, "train.momentum": PROBABILITY, "train.weight_decay": AT_LEAST_0,
+    "train.max_iters_per_step": AT_LEAST_1, "train.val_interval": AT_LEAST_1,
+    "train.checkpoint_interval": AT_LEAST_0, "train.log_interval": AT_LEAST_1,
+    "train.image_log_interval": AT_LEAST_0,
+}
+
+
+def config_value(cfg: Config, key: str) -> Any:
+    """The value of a dotted key, e.g. ``config_value(cfg, "train.lr")``."""
+    value: Any = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
 def _validate(cfg: Config) -> None:
     for key, allowed in CHOICES.items():
-        value = cfg
-        for part in key.split("."):
-            value = getattr(value, part)
+        value = config_value(cfg, key)
         if value not in allowed:
-            raise ConfigError(f"config key {key!r}: {value!r} is not one of {', '.join(sorted(allowed))}")
-    positive = ["train.epochs", "train.batch_size", "train.val_batch_size", "data.crop_size", "data.base_size"]
-    for key in positive:
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) <= 0:
-            raise ConfigError(f"config key {key!r} must be positive")
+            raise ConfigError(f"config key {key!r}: {value!r} is not one of {', '.join(map(str, sorted(allowed)))}")
+    for key, allowed_range in RANGES.items():
+        value = config_value(cfg, key)
+        if value is not None and not allowed_range.allows(value):
+            raise ConfigError(f"config key {key!r} must be {allowed_range}, got {value}")
     low, high = (cfg.data.scale_range + [None, None])[:2] if len(cfg.data.scale_range) == 2 else (None, None)
     if low is None or not 0 < low <= high:
         raise ConfigError(f"config key 'data.scale_range' must be [low, high] with 0 < low <= high, got {cfg.data.scale_range}")
@@ -242,17 +296,22 @@ def _validate(cfg: Config) -> None:
     if cfg.model.architecture == "segmenter" and not backbone.startswith(VIT_PREFIXES):
         raise ConfigError(f"config key 'model.backbone': {backbone!r} is not a timm ViT for the Segmenter; "
                           "use e.g. vit_base_patch16_384 (smaller ones through model.backbone_overrides)")
-    if not 0.0 <= cfg.method.pseudo_threshold <= 1.0:
-        raise ConfigError("config key 'method.pseudo_threshold' must lie in [0, 1]")
-    if cfg.train.max_iters_per_step is not None and cfg.train.max_iters_per_step <= 0:
-        raise ConfigError("config key 'train.max_iters_per_step' must be positive or null")
-    if cfg.start_step < 0:
-        raise ConfigError("config key 'start_step' must be >= 0")
+    if cfg.end_step is not None and cfg.end_step < cfg.start_step:
+        raise ConfigError(f"config key 'end_step' ({cfg.end_step}) must be >= start_step ({cfg.start_step})")
     if cfg.train.checkpoint_policy == "best" and cfg.train.validation == "none":
         raise ConfigError("config key 'train.checkpoint_policy': best needs train.validation epochs or reference "
                           "(it selects the weights on validation)")
     if "/" in cfg.name or cfg.name in ("", ".", ".."):
         raise ConfigError(f"config key 'name': {cfg.name!r} is not a valid run folder name")
+
+
+def check_device(device: str) -> None:
+    """``device: cuda`` needs CUDA on this machine (torch is imported only then: config errors stay fast)."""
+    if device == "cuda":
+        import torch
+        if not torch.cuda.is_available():
+            raise ConfigError("config key 'device': cuda was asked for, but CUDA is not available on this machine "
+                              "(use device=auto or cpu)")
 
 
 def batch_per_process(batch_size: int, world_size: int) -> int:
@@ -297,6 +356,7 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
             nested = {key: nested}
         _merge(cfg, nested)
     _validate(cfg)
+    check_device(cfg.device)
     return cfg
 
 

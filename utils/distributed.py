@@ -17,6 +17,8 @@ from typing import Callable, Optional, TypeVar
 import torch
 import torch.distributed as dist
 
+from utils.config import check_device
+
 
 @dataclass
 class DistContext:
@@ -40,8 +42,7 @@ def init_distributed(device: str = "auto", local_rank: Optional[int] = None) -> 
     if local_rank is None:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda was asked for but CUDA is not available")
+    check_device(device)  # load_config checked it already; this is for callers that build no Config
     if use_cuda:
         torch.cuda.set_device(local_rank)
         torch_device = torch.device("cuda", local_rank)
@@ -155,6 +156,7 @@ class StopRequest:
         self.signum = 0
         self.group = None
         self.previous: dict = {}
+        self.child_handler = None  # SIGCHLD's handler, while a stop signal has set it aside
 
     def __enter__(self) -> "StopRequest":
         if dist.is_available() and dist.is_initialized():
@@ -167,9 +169,17 @@ class StopRequest:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
         self.previous = {}
+        if self.child_handler is not None:
+            signal.signal(signal.SIGCHLD, self.child_handler)
+            self.child_handler = None
 
     def _handle(self, signum, frame) -> None:
         self.signum = signum
+        # A scheduler's stop signal reaches the data-loader workers too, and they die of it; torch's SIGCHLD
+        # handler would then raise here, in the middle of the iteration (or of the checkpoint write). This
+        # process fetches no batch after the current iteration, so their exit no longer matters.
+        if self.child_handler is None:
+            self.child_handler = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
     @property
     def name(self) -> str:

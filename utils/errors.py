@@ -13,6 +13,17 @@ class UserError(Exception):
     """A config value, data file, run folder, checkpoint or weights file is not what the run needs."""
 
 
+def one_line(err: UserError) -> str:
+    """The message of ``err`` as one line. A DataLoader worker's error reaches the main process as
+    ``type(err)(text)``, the text being "Caught X in DataLoader worker process N.\nOriginal Traceback ...
+    \nmodule.X: <message>": only the original message is kept."""
+    message = str(err)
+    if message.startswith("Caught ") and "\nOriginal Traceback" in message:
+        last = message.rstrip().splitlines()[-1]
+        message = last.split(": ", 1)[1] if ": " in last else last
+    return message
+
+
 class RunInterrupted(Exception):
     """SIGTERM or SIGINT stopped the run after an iteration; its in-step checkpoint holds everything done."""
 
