@@ -75,9 +75,11 @@ case "$suite" in
   *) echo "unknown suite '$suite': use voc, ade, voc_vit, ade_vit or all" >&2; exit 2 ;;
 esac
 
-table="$OUT/summary_${suite}_${METHOD}.md"
-echo "+ $PYTHON -m utils.report ${run_dirs[*]} --out $table"
+# The tables (Markdown + CSV), the curves, and the published numbers beside every run of the same protocol.
+summary="$OUT/summary_${suite}_${METHOD}"
+echo "+ $PYTHON -m utils.report ${run_dirs[*]} --out $summary.md --plot $summary.png --published"
 if [ "$DRY_RUN" != 1 ]; then
-  "$PYTHON" -m utils.report "${run_dirs[@]}" --out "$table"
-  echo "results table: $table"
+  "$PYTHON" -m utils.report "${run_dirs[@]}" --out "$summary.md" --plot "$summary.png" --published
+  cat "$summary.md"
+  echo "results: $summary.md, $summary.csv (one line per run), $summary.png (mIoU after every step)"
 fi

@@ -66,6 +66,34 @@ def test_summary_ade_ignores_channel_zero_and_step0_has_no_new():
     assert s["miou_new"] is None
 
 
+def test_reference_all_drops_zero_and_undefined_iou():
+    # ADE-like: channel 0 ("other") has no ground truth but is predicted once; channel 4 has no pixel and no
+    # prediction (IoU undefined). old = [1, 2], new = [3, 4].
+    matrix = torch.tensor([
+        [0, 0, 0, 0, 0],
+        [1, 3, 0, 0, 0],   # wall: TP 3, FN 1 (predicted as "other") -> 3/4
+        [0, 0, 0, 2, 0],   # floor: TP 0 -> IoU 0
+        [0, 0, 0, 2, 0],   # c: TP 2, FP 2 (floor pixels) -> 2/4
+        [0, 0, 0, 0, 0],   # d: nothing -> None
+    ])
+    s = summarize(matrix, old=[1, 2], new=[3, 4], names=["other", "wall", "floor", "c", "d"])
+    assert s["iou"]["d"] is None and s["iou"]["floor"] == 0.0
+    assert s["miou_all"] == pytest.approx((3 / 4 + 0 + 2 / 4) / 3)            # the headline: zero counted
+    assert s["miou_all_reference"] == pytest.approx((3 / 4 + 2 / 4) / 2)      # the reference: zero dropped
+    assert s["miou_new"] == pytest.approx(2 / 4)
+
+
+def test_reference_all_on_voc_includes_background():
+    # The matrix of test_summary_old_new_all_zero_counts_as_zero: class 4 has IoU 0, background 6/8.
+    matrix = torch.tensor([[6, 0, 0, 0, 2], [0, 4, 0, 0, 0], [0, 2, 2, 0, 0], [0, 0, 0, 3, 1], [0, 0, 0, 2, 0]])
+    s = summarize(matrix, old=[0, 1, 2], new=[3, 4], names=["background", "a", "b", "c", "d"])
+    assert s["miou_all_reference"] == pytest.approx((6 / 8 + 4 / 6 + 2 / 4 + 3 / 6) / 4)
+    assert s["miou_all"] == pytest.approx((6 / 8 + 4 / 6 + 2 / 4 + 3 / 6 + 0) / 5)
+    table = format_step_table([{"step": 1, "step_classes": ["c", "d"], "checkpoint": "last", **s}])
+    assert "| step | classes learned | old | new | all | old w/o bg | all (ref. metric) | checkpoint |" in table
+    assert f"| {100 * s['miou_all_reference']:.2f} | last |" in table
+
+
 def test_summary_needs_unique_names():
     with pytest.raises(ValueError, match="unique name"):
         summarize(torch.eye(2, dtype=torch.int64), [0, 1], [], ["x", "x"])

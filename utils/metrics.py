@@ -8,6 +8,10 @@ counts as 0 in every mean (the reference's overall "Mean IoU" silently drops
 zero-IoU classes; we do not). A class with an empty denominator (no ground
 truth pixel and never predicted) has no IoU: it is reported as ``None`` and left
 out of the means, because nothing was measured for it.
+
+For comparison with published tables only, ``summarize`` also computes the
+reference's overall number (``miou_all_reference``, see its docstring). It is an
+extra column, never the headline.
 """
 from __future__ import annotations
 
@@ -60,6 +64,18 @@ def mean_iou(ious: Sequence[Optional[float]], channels: Sequence[int]) -> Option
     return sum(values) / len(values) if values else None
 
 
+def reference_mean_iou(ious: Sequence[Optional[float]], channels: Sequence[int]) -> Optional[float]:
+    """The MBS reference's overall "Mean IoU": the mean over ``channels`` whose IoU is defined and non-zero.
+
+    The reference computes IoU = TP / (TP + FP + FN + 1e-6) for every channel and averages the
+    non-zero ones, so a class with IoU 0 and a class without any pixel or prediction (0 / 1e-6 = 0
+    there, None here) are both dropped. Its 1e-6 changes an IoU by less than 1e-6 / (TP + FP + FN),
+    far below the two decimals reported, so it is not reproduced. None if no channel is left.
+    """
+    values = [ious[c] for c in channels if ious[c]]  # drops None and 0.0
+    return sum(values) / len(values) if values else None
+
+
 def summarize(matrix: torch.Tensor, old: Sequence[int], new: Sequence[int], names: Sequence[str]) -> dict:
     """The numbers reported after a step.
 
@@ -70,8 +86,19 @@ def summarize(matrix: torch.Tensor, old: Sequence[int], new: Sequence[int], name
 
     Returns a dict with ``iou`` (name -> IoU or None, for the old and new channels),
     ``miou_old`` (step-0 classes; VOC with background, "0-15"), ``miou_new``,
-    ``miou_all``, ``miou_old_no_bg`` (the reference's split: old without background)
-    and ``pixel_accuracy``.
+    ``miou_all``, ``miou_old_no_bg`` (the reference's split: old without background),
+    ``miou_all_reference`` and ``pixel_accuracy``.
+
+    ``miou_all_reference`` is the overall number of the published MBS tables (the authors'
+    evaluation code; see :func:`reference_mean_iou`): the mean IoU over the evaluated channels
+    (old and new; VOC's background included) whose IoU is non-zero; a zero or undefined IoU is
+    left out instead of counting as 0. The reference averages over every channel of its matrix,
+    ADE20K's channel 0 too, but that channel has no ground-truth pixel (label 0 is ignored), so its
+    IoU is 0 or undefined and is dropped there as well: leaving it out of ``old`` changes nothing.
+    The reference's old / new (``1..first-1`` and the rest) are ``miou_old_no_bg`` and ``miou_new``,
+    except that the reference counts an undefined IoU (a class absent from the validation set and
+    never predicted) as 0 where these leave it out; every class of VOC's validation set is present
+    in it, so there the two agree.
     """
     if matrix.shape[0] != len(names) or len(set(names)) != len(names):
         raise ValueError(f"need one unique name per channel: {matrix.shape[0]} channels, names {list(names)}")
@@ -84,5 +111,6 @@ def summarize(matrix: torch.Tensor, old: Sequence[int], new: Sequence[int], name
         "miou_new": mean_iou(ious, new),
         "miou_all": mean_iou(ious, evaluated),
         "miou_old_no_bg": mean_iou(ious, [c for c in old if c != 0]),
+        "miou_all_reference": reference_mean_iou(ious, evaluated),
         "pixel_accuracy": matrix.diag().sum().item() / total if total else None,
     }

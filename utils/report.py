@@ -5,25 +5,51 @@ A run folder gets, after every finished step::
     results.json   {"meta": {...protocol...}, "steps": [per-step summary, ...]}
     results.md     the per-step table and the per-class IoU of every step
 
-Compare finished runs (one row each, at their last step)::
+Compare runs (their last finished step)::
 
-    python -m utils.report runs/voc_15-1_* --out runs/summary.md [--plot runs/summary.png]
+    python -m utils.report runs/* --out runs/summary.md --plot runs/summary.png --published
 
-Every table says which protocol produced its numbers: task, setting, method,
-checkpoint policy (``last`` or the reference's ``best``) and evaluation mode.
+``--out x.md`` writes the Markdown tables to x.md and one line per run to x.csv;
+``--plot`` draws mIoU after every step; ``--published`` sets the published numbers of
+``benchmarks/published.yaml`` beside every run whose protocol they share;
+``--qualitative N`` draws N validation images with the prediction after every step
+(:mod:`utils.figures`).
+
+Tables follow the papers: one table per protocol, one row per method / model /
+checkpoint policy, one column group per setting. A protocol is everything the numbers
+depend on besides the method: dataset, task (with its class order), evaluation (mode and
+sizes) and the step the numbers come from; runs whose protocols differ never share a
+column. The standard metric (a zero IoU counts as 0) is the headline; the reference's
+overall number (``all (ref. metric)``, see :func:`utils.metrics.summarize`) is an extra
+column for setting our runs beside published ones.
 """
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
 import sys
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Optional
 
+import yaml
+
+from utils.config import MethodConfig
 from utils.errors import UserError
 from utils.files import atomic_write_text
 
 MEAN_COLUMNS = (("miou_old", "old"), ("miou_new", "new"), ("miou_all", "all"), ("miou_old_no_bg", "old w/o bg"))
+REFERENCE_COLUMN = ("miou_all_reference", "all (ref. metric)")
+# The method switches that default to the method's preset (null); one set explicitly makes an ablation.
+_METHOD_SWITCHES = frozenset(f.name for f in fields(MethodConfig) if f.default is None)
+PUBLISHED_FILE = Path(__file__).resolve().parents[1] / "benchmarks" / "published.yaml"
+METRIC_NOTE = ("mIoU (%) on the whole validation set. Standard metric (the headline): old = classes of step 0 "
+               "(background included for VOC), new = classes of steps 1..t, all = every evaluated class; a class "
+               "with IoU 0 counts as 0. Reference convention, to set beside published MBS tables: old w/o bg = old "
+               "without background; all (ref. metric) = mean IoU over the classes whose IoU is non-zero (the MBS "
+               "authors' evaluation code drops zero-IoU classes).")
 
 
 def percent(value: Optional[float]) -> str:
@@ -34,14 +60,24 @@ def _classes(names: list[str]) -> str:
     return ", ".join(names) if len(names) <= 4 else f"{names[0]} ... {names[-1]} ({len(names)})"
 
 
+def mean_columns(steps: list[dict]) -> tuple[tuple[str, str], ...]:
+    """The standard means, plus the reference metric's column when a step has it (older results do not)."""
+    has_reference = any(REFERENCE_COLUMN[0] in step for step in steps)
+    return MEAN_COLUMNS + ((REFERENCE_COLUMN,) if has_reference else ())
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def format_step_table(results: list[dict]) -> str:
     """Markdown: one row per step with the old / new / all means (mIoU in %)."""
-    header = "| step | classes learned | " + " | ".join(label for _, label in MEAN_COLUMNS) + " | checkpoint |"
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
-    for r in results:
-        means = " | ".join(percent(r.get(key)) for key, _ in MEAN_COLUMNS)
-        lines.append(f"| {r['step']} | {_classes(r.get('step_classes', []))} | {means} | {r.get('checkpoint', '-')} |")
-    return "\n".join(lines)
+    columns = mean_columns(results)
+    rows = [[str(r["step"]), _classes(r.get("step_classes", [])), *(percent(r.get(key)) for key, _ in columns),
+             str(r.get("checkpoint", "-"))] for r in results]
+    return _markdown_table(["step", "classes learned", *(label for _, label in columns), "checkpoint"], rows)
 
 
 def format_class_table(results: list[dict]) -> str:
@@ -49,11 +85,8 @@ def format_class_table(results: list[dict]) -> str:
     names: list[str] = []
     for r in results:
         names += [n for n in r["iou"] if n not in names]
-    header = "| class | " + " | ".join(f"step {r['step']}" for r in results) + " |"
-    lines = [header, "|" + "---|" * (len(results) + 1)]
-    for name in names:
-        lines.append(f"| {name} | " + " | ".join(percent(r["iou"].get(name)) for r in results) + " |")
-    return "\n".join(lines)
+    rows = [[name, *(percent(r["iou"].get(name)) for r in results)] for name in names]
+    return _markdown_table(["class", *(f"step {r['step']}" for r in results)], rows)
 
 
 def describe_protocol(meta: dict) -> str:
@@ -68,14 +101,13 @@ def write_results(run_dir: Path, results: list[dict], meta: dict) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "results.json", json.dumps({"meta": meta, "steps": results}, indent=1) + "\n")
     text = (f"# {meta.get('name', run_dir.name)}\n\n{describe_protocol(meta)}\n\n"
-            f"mIoU (%) on the whole validation set after each step; old = classes of step 0 "
-            f"(background included for VOC), new = classes of steps 1..t.\n\n{format_step_table(results)}\n\n"
+            f"{METRIC_NOTE} Numbers after each step:\n\n{format_step_table(results)}\n\n"
             f"## IoU per class (%)\n\n{format_class_table(results)}\n")
     atomic_write_text(run_dir / "results.md", text)
 
 
 class ReportError(UserError, ValueError):
-    """A run folder holds no readable results."""
+    """A run folder holds no readable results, or the published-numbers file is malformed."""
 
 
 def read_results(run_dir: Path) -> dict:
@@ -91,74 +123,445 @@ def read_results(run_dir: Path) -> dict:
     return content
 
 
+# ------------------------------------------------------------------ run folders
+@dataclass
+class Run:
+    """A run folder's results and the protocol its numbers belong to."""
+
+    path: Path
+    meta: dict
+    steps: list[dict]
+    config: dict          # the run's config.yaml ({} when the folder has none)
+    label: str = ""       # how tables name the run: its name, or its folder where names repeat
+
+    @property
+    def name(self) -> str:
+        return self.meta.get("name", self.path.name)
+
+    @property
+    def last(self) -> dict:
+        return self.steps[-1]
+
+    def data(self, key: str, default=None):
+        return self.config.get("data", {}).get(key, default)
+
+    @property
+    def class_order(self) -> Optional[list]:
+        """The explicit steps of a custom task (None: the named task's standard order)."""
+        return self.data("custom_steps")
+
+    @property
+    def num_steps(self) -> Optional[int]:
+        if self.class_order is not None:
+            return len(self.class_order)
+        from datasets.tasks import TASKS
+        steps = TASKS.get(self.data("dataset", self.meta.get("dataset")), {}).get(self.meta.get("task"))
+        return None if steps is None else len(steps)
+
+    @property
+    def finished(self) -> bool:
+        return self.num_steps is not None and self.last["step"] == self.num_steps - 1
+
+    @property
+    def evaluation(self) -> str:
+        """How the validation images were fed to the model: the mode and the sizes it uses."""
+        mode = self.meta.get("eval_mode", self.data("eval_mode", "?"))
+        if mode == "center_crop":
+            return f"center_crop (short side {self.data('base_size', '?')}, crop {self.meta.get('crop_size', '?')})"
+        return str(mode)
+
+    def task_protocol(self) -> tuple:
+        """What must match for two runs to share a column, but the setting (one column group each)."""
+        order = json.dumps(self.class_order) if self.class_order is not None else None
+        return (self.meta.get("dataset", "?"), self.meta.get("task", "?"), order, self.evaluation, self.last["step"])
+
+    def describe_task_protocol(self) -> str:
+        dataset, task, order, evaluation, step = self.task_protocol()
+        steps = self.num_steps
+        when = (f"after step {step} (the last)" if self.finished else
+                f"after step {step} of 0..{steps - 1 if steps else '?'} (unfinished)")
+        custom = f", custom class order {order}" if order else ""
+        return f"{dataset} {task}{custom} · eval {evaluation} · {when}"
+
+    def row_key(self) -> tuple:
+        return (self.meta.get("method", "?"), self.meta.get("architecture", "?"),
+                self.meta.get("checkpoint_policy", "?"))
+
+
+@dataclass
+class Collected:
+    runs: list[Run]
+    not_reported: list[str]   # run folders without results: listed under the tables
+    skipped: list[str]        # paths that are not run folders: a note on stderr only
+
+
+def is_run_folder(path: Path) -> bool:
+    """What a run leaves from its start on: the saved config, then checkpoints, then results."""
+    return path.is_dir() and any((path / name).exists() for name in ("results.json", "checkpoints", "config.yaml"))
+
+
+def collect_runs(paths: list[Path]) -> Collected:
+    """Read every run folder among ``paths``.
+
+    A path that does not exist is reported (main.sh passes the folders of the runs it launched,
+    so it is a run that never started); a file, or a folder that no run wrote (e.g. the summary
+    written beside the runs), is skipped; a run folder without a finished step or with an
+    unreadable results.json is reported.
+    """
+    collected = Collected([], [], [])
+    for path in map(Path, paths):
+        if not path.exists():
+            collected.not_reported.append(f"{path}: no such folder ({path / 'results.json'} does not exist; "
+                                          "has the run started?)")
+        elif not is_run_folder(path):
+            kind = "a folder without results.json, checkpoints/ or config.yaml" if path.is_dir() else "a file"
+            collected.skipped.append(f"{path} is not a run folder ({kind}): skipped")
+        elif not (path / "results.json").exists():
+            collected.not_reported.append(f"{path}: started, no finished step yet (no results.json)")
+        else:
+            try:
+                content = read_results(path)
+            except ReportError as err:
+                collected.not_reported.append(str(err))
+                continue
+            config_file = path / "config.yaml"
+            try:
+                config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
+            except yaml.YAMLError as err:
+                collected.not_reported.append(f"{config_file} is not valid YAML: {err}")
+                continue
+            collected.runs.append(Run(path, content.get("meta", {}), content["steps"], config or {}))
+    names = [run.name for run in collected.runs]
+    for run in collected.runs:
+        run.label = run.name if names.count(run.name) == 1 else str(run.path)
+    return collected
+
+
+# ------------------------------------------------------------------ tables
 def comparison_table(runs: list[dict]) -> str:
-    """Markdown: one row per run, its last finished step's means."""
-    header = ("| run | task | setting | method | model | checkpoint | eval | steps done | "
-              + " | ".join(label for _, label in MEAN_COLUMNS) + " |")
-    lines = [header, "|" + "---|" * (header.count("|") - 1)]
+    """Markdown: one row per run (results.json content), its last finished step's means."""
+    columns = mean_columns([run["steps"][-1] for run in runs])
+    header = ["run", "task", "setting", "method", "model", "checkpoint", "eval", "steps done",
+              *(label for _, label in columns)]
+    rows = []
     for run in runs:
         meta, last = run["meta"], run["steps"][-1]
-        means = " | ".join(percent(last.get(key)) for key, _ in MEAN_COLUMNS)
-        lines.append(f"| {meta.get('name', '?')} | {meta.get('dataset', '?')} {meta.get('task', '?')} | "
-                     f"{meta.get('setting', '?')} | {meta.get('method', '?')} | {meta.get('architecture', '?')} | "
-                     f"{meta.get('checkpoint_policy', '?')} | {meta.get('eval_mode', '?')} | "
-                     f"{last['step'] + 1} | {means} |")
-    return "\n".join(lines)
+        rows.append([str(meta.get("name", "?")), f"{meta.get('dataset', '?')} {meta.get('task', '?')}",
+                     *(str(meta.get(key, "?")) for key in ("setting", "method", "architecture", "checkpoint_policy",
+                                                           "eval_mode")),
+                     str(last["step"] + 1), *(percent(last.get(key)) for key, _ in columns)])
+    return _markdown_table(header, rows)
 
 
-def plot_runs(runs: list[dict], path: Path) -> None:
-    """One panel per mean (old / new / all): mIoU after every step, one line per run."""
+def _group(runs: list[Run], key) -> dict:
+    groups: dict = {}
+    for run in runs:
+        groups.setdefault(key(run), []).append(run)
+    return groups
+
+
+def task_table(runs: list[Run]) -> str:
+    """Markdown in the papers' format for runs of one task protocol: a row per method / model / checkpoint
+    policy, a column group (old / new / all, then the reference convention) per setting."""
+    settings = sorted({run.meta.get("setting", "?") for run in runs})
+    columns = mean_columns([run.last for run in runs])
+    rows: list[tuple[tuple, dict[str, Run]]] = []  # (row key, setting -> run); a second run of a cell opens a row
+    for run in runs:
+        setting = run.meta.get("setting", "?")
+        row = next((cells for key, cells in rows if key == run.row_key() and setting not in cells), None)
+        if row is None:
+            row = {}
+            rows.append((run.row_key(), row))
+        row[setting] = run
+    header = ["method", "model", "checkpoint", *(f"{s} {label}" for s in settings for _, label in columns), "runs"]
+    lines = []
+    for key, cells in rows:
+        numbers = [percent(cells[s].last.get(k)) if s in cells else "" for s in settings for k, _ in columns]
+        lines.append([*key, *numbers, ", ".join(cells[s].label for s in settings if s in cells)])
+    return _markdown_table(header, lines)
+
+
+def papers_tables(runs: list[Run]) -> str:
+    """One table per task protocol, those of one task next to each other."""
+    groups = _group(runs, Run.task_protocol)
+    order = sorted(groups, key=lambda key: tuple(str(part) for part in key))
+    return "\n\n".join(f"## {groups[key][0].describe_task_protocol()}\n\n{task_table(groups[key])}"
+                       for key in order)
+
+
+CSV_FIELDS = ("run", "folder", "dataset", "task", "class_order", "setting", "evaluation", "step", "finished",
+              "method", "architecture", "checkpoint_policy", *(key for key, _ in MEAN_COLUMNS), REFERENCE_COLUMN[0])
+
+
+def runs_csv(runs: list[Run]) -> str:
+    """One line per run: its protocol and its last finished step's means (mIoU in %, empty where undefined)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(CSV_FIELDS)
+    for run in runs:
+        dataset, task, order, evaluation, step = run.task_protocol()
+        numbers = [("" if run.last.get(key) is None else f"{100 * run.last[key]:.4f}")
+                   for key in CSV_FIELDS[CSV_FIELDS.index("miou_old"):]]
+        writer.writerow([run.name, str(run.path), dataset, task, order or "", run.meta.get("setting", "?"),
+                         evaluation, step, run.finished, *run.row_key(), *numbers])
+    return out.getvalue()
+
+
+# ------------------------------------------------------------------ published numbers
+@dataclass(frozen=True)
+class PublishedSource:
+    """Where a set of published numbers comes from and the protocol that produced them."""
+
+    key: str
+    paper: str
+    table: Optional[str]
+    what: str              # e.g. "the MBS authors' official code, re-run by the paper's authors"
+    method: str            # our method.name it corresponds to
+    architecture: str      # our model.architecture
+    backbone: str          # a prefix of our model.backbone (timm name)
+    checkpoint_policy: str
+    eval_mode: str
+    base_size: int
+    crop_size: int
+    old_metric: str
+    new_metric: str
+    all_metric: str
+
+
+@dataclass(frozen=True)
+class PublishedResult:
+    source: PublishedSource
+    dataset: str
+    task: str
+    setting: str
+    old: float
+    new: float
+    all: float
+
+
+def load_published(path: Path = PUBLISHED_FILE) -> list[PublishedResult]:
+    """Read the published-numbers file; an error names the file and the entry at fault."""
+    path = Path(path)
+    try:
+        content = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ReportError(f"published numbers {path} could not be read: {err}") from None
+    wanted = [f.name for f in fields(PublishedSource) if f.name != "key"]
+    sources = {}
+    for key, entry in (content or {}).get("sources", {}).items():
+        missing = [name for name in wanted if name not in (entry or {})]
+        if missing:
+            raise ReportError(f"{path}: source {key!r} lacks {', '.join(missing)}")
+        sources[key] = PublishedSource(key, **{name: entry[name] for name in wanted})
+    results = []
+    for number, entry in enumerate((content or {}).get("results", []), 1):
+        try:
+            results.append(PublishedResult(sources[entry["source"]], str(entry["dataset"]), str(entry["task"]),
+                                           str(entry["setting"]), float(entry["old"]), float(entry["new"]),
+                                           float(entry["all"])))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ReportError(f"{path}: result {number} ({entry}) is malformed or names an unknown source: "
+                              f"{err!r}") from None
+    return results
+
+
+def _method_name(meta: dict) -> str:
+    return str(meta.get("method", "?")).split(" (")[0]
+
+
+def published_for(run: Run, published: list[PublishedResult]) -> list[PublishedResult]:
+    """Published numbers of the run's protocol: dataset, standard task and setting, method and model family.
+    Only finished runs match (published numbers are after the last step)."""
+    architecture, _, backbone = str(run.meta.get("architecture", "")).partition(" ")
+    return [p for p in published
+            if run.finished and run.class_order is None and p.dataset == run.meta.get("dataset")
+            and p.task == run.meta.get("task") and p.setting == run.meta.get("setting")
+            and p.source.method == _method_name(run.meta) and p.source.architecture == architecture
+            and backbone.startswith(p.source.backbone)]
+
+
+def protocol_differences(run: Run, source: PublishedSource) -> list[str]:
+    """What differs between how the run and the published numbers were produced, beyond what must match."""
+    differences = []
+    if run.meta.get("checkpoint_policy") != source.checkpoint_policy:
+        differences.append(f"checkpoint policy {run.meta.get('checkpoint_policy')} here, "
+                           f"{source.checkpoint_policy} there")
+    ours = (run.meta.get("eval_mode"), run.data("base_size"), run.meta.get("crop_size"))
+    theirs = (source.eval_mode, source.base_size, source.crop_size)
+    if ours[0] != theirs[0] or (ours[0] == "center_crop" and ours != theirs):
+        differences.append(f"evaluation {run.evaluation} here, {source.eval_mode} "
+                           f"(short side {source.base_size}, crop {source.crop_size}) there")
+    changed = {key: value for key, value in run.config.get("method", {}).items()
+               if isinstance(value, bool) and key in _METHOD_SWITCHES}
+    if changed:
+        differences.append("method switches set explicitly (not the preset): "
+                           + ", ".join(f"{key}={value}" for key, value in changed.items()))
+    return differences
+
+
+def _signed(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:+.2f}"
+
+
+def published_table(runs: list[Run], published: list[PublishedResult]) -> str:
+    """Markdown: every run that shares a protocol with published numbers, each published row under it with
+    the difference (ours - published), compared like with like."""
+    header = ["protocol", "numbers from", "old w/o bg", "new", "all (ref. metric)", "Δ old", "Δ new", "Δ all",
+              "differs from the published protocol"]
+    rows = []
+    for run in runs:
+        matches = published_for(run, published)
+        if not matches:
+            continue
+        ours = [run.last.get("miou_old_no_bg"), run.last.get("miou_new"), run.last.get("miou_all_reference")]
+        ours = [None if value is None else 100 * value for value in ours]
+        protocol = f"{run.meta['dataset']} {run.meta['task']} {run.meta['setting']}"
+        rows.append([protocol, f"ours: {run.label} ({run.meta.get('architecture')}, "
+                     f"{run.meta.get('checkpoint_policy')} checkpoints)",
+                     *("-" if v is None else f"{v:.2f}" for v in ours), "", "", "", ""])
+        for p in matches:
+            source = p.source
+            table = f", {source.table}" if source.table else ""
+            deltas = [None if mine is None else mine - theirs for mine, theirs in zip(ours, (p.old, p.new, p.all))]
+            rows.append(["", f"{source.paper}{table}: {source.what}", f"{p.old:.1f}", f"{p.new:.1f}",
+                         f"{p.all:.1f}", *map(_signed, deltas), "; ".join(protocol_differences(run, source)) or "-"])
+    if not rows:
+        return "No run shares its protocol (dataset, standard task, setting, method, model family) with an entry of " \
+               "the published numbers, or none has finished its last step."
+    sources = {p.source.key: p.source for p in published}
+    how = "\n".join(f"- {s.paper}: old = {s.old_metric}; new = {s.new_metric}; all = {s.all_metric}."
+                    for s in sources.values())
+    return (f"{_markdown_table(header, rows)}\n\nHow each number is computed (mIoU %, after the last step). "
+            "Ours, in the published convention: old w/o bg = mean IoU of the step-0 classes without background "
+            "(`miou_old_no_bg`; zeros counted), new = mean IoU of the later classes (`miou_new`; zeros counted), "
+            "all (ref. metric) = mean IoU over the classes whose IoU is non-zero, background included "
+            "(`miou_all_reference`). Our headline numbers (the tables above) count every zero and include "
+            f"background in old. Δ = ours - published.\n{how}")
+
+
+# ------------------------------------------------------------------ plot
+def plot_panels(runs: list[Run]) -> dict[str, list[Run]]:
+    """Panel title -> its runs: one panel per dataset, task (and class order), setting and evaluation, whatever
+    the method, model, checkpoint policy or number of steps done."""
+    def key(run: Run) -> str:
+        dataset, task, order, evaluation, _ = run.task_protocol()
+        custom = " (custom order)" if order else ""
+        return f"{dataset} {task}{custom} {run.meta.get('setting', '?')}\neval {evaluation}"
+    return _group(runs, key)
+
+
+def plot_runs(runs: list[Run], path: Path) -> None:
+    """One panel per task protocol (dataset, task, setting, evaluation): old / new / all mIoU after every step,
+    one colour per run, one line style per mean, so finetune / baseline / MBS of a task share a panel."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), sharey=True)
-    for ax, (key, label) in zip(axes, MEAN_COLUMNS[:3]):
-        for run in runs:
-            points = [(r["step"], 100 * r[key]) for r in run["steps"] if r.get(key) is not None]
-            if points:
-                ax.plot(*zip(*points), marker="o", label=run["meta"].get("name", "?"))
-        ax.set_title(f"mIoU {label}")
+    styles = {"miou_old": "-", "miou_new": "--", "miou_all": ":"}
+    panels = plot_panels(runs)
+    columns = min(3, len(panels))
+    rows = -(-len(panels) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.9 * rows), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (title, members) in zip(axes.flat, panels.items()):
+        for index, run in enumerate(members):
+            colour = colours[index % len(colours)]
+            for key, style in styles.items():
+                points = [(r["step"], 100 * r[key]) for r in run.steps if r.get(key) is not None]
+                if points:
+                    ax.plot(*zip(*points), linestyle=style, marker="o", markersize=3, color=colour)
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel("step")
+        ax.set_ylabel("mIoU (%)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("mIoU (%)")
-    axes[-1].legend(fontsize=8, loc="best")
+        handles = [Line2D([], [], color=colours[i % len(colours)], label=f"{run.label} ({_method_name(run.meta)})")
+                   for i, run in enumerate(members)]
+        handles += [Line2D([], [], color="grey", linestyle=style, label=label)
+                    for (key, style), label in zip(styles.items(), ("old", "new", "all"))]
+        ax.legend(handles=handles, fontsize=7, loc="best")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
+# ------------------------------------------------------------------ command line
+def summary_markdown(collected: Collected, published: Optional[list[PublishedResult]]) -> str:
+    runs = collected.runs
+    parts = ["# Results", METRIC_NOTE + " One table per protocol (dataset, task and class order, evaluation, the "
+             "step the numbers come from); one column group per setting.", papers_tables(runs),
+             "## Every run\n\n" + comparison_table([{"meta": r.meta, "steps": r.steps} for r in runs])]
+    if published is not None:
+        parts.append("## Published numbers beside ours\n\n" + published_table(runs, published))
+    if collected.not_reported:
+        parts.append("Not reported:\n" + "\n".join(f"- {message}" for message in collected.not_reported))
+    return "\n\n".join(parts) + "\n"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m utils.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dirs", nargs="+", type=Path, help="run folders holding results.json")
-    parser.add_argument("--out", type=Path, help="write the Markdown table here (default: print it)")
+    parser.add_argument("run_dirs", nargs="+", type=Path,
+                        help="run folders holding results.json (other paths, e.g. an earlier summary, are skipped)")
+    parser.add_argument("--out", type=Path,
+                        help="write the Markdown tables here and one line per run to the same name with .csv "
+                             "(default: print the Markdown)")
     parser.add_argument("--plot", type=Path, help="also plot mIoU after every step to this image (PNG/SVG)")
+    parser.add_argument("--published", nargs="?", type=Path, const=PUBLISHED_FILE, metavar="YAML",
+                        help="set published numbers beside every run of the same protocol "
+                             f"(default file: {PUBLISHED_FILE.relative_to(PUBLISHED_FILE.parents[1])})")
+    parser.add_argument("--qualitative", type=int, metavar="N",
+                        help="draw N validation images with the prediction after every step, per run "
+                             "(utils.figures; written to RUN/qualitative.png unless --qualitative-out)")
+    parser.add_argument("--qualitative-out", type=Path, help="where the qualitative figure goes (one run only)")
+    parser.add_argument("--device", default="auto", help="device for --qualitative: auto, cpu, cuda, cuda:1 ...")
+    parser.add_argument("--data-root", help="the dataset root for --qualitative, if not the run's data.root")
     args = parser.parse_args(argv)
-    runs, missing = [], []
-    for run_dir in args.run_dirs:
-        try:
-            runs.append(read_results(run_dir))
-        except ReportError as err:
-            missing.append(str(err))
-    for message in missing:
+    collected = collect_runs(args.run_dirs)
+    for message in collected.skipped:
+        print(f"note: {message}", file=sys.stderr)
+    for message in collected.not_reported:
         print(f"warning: {message}", file=sys.stderr)
-    if not runs:
+    if not collected.runs:
         print("error: none of the given run folders has results", file=sys.stderr)
         return 2
-    table = comparison_table(runs) + "\n"
-    if missing:
-        table += "\nMissing: " + "; ".join(missing) + "\n"
+    try:
+        published = load_published(args.published) if args.published else None
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    table = summary_markdown(collected, published)
     for path in (args.out, args.plot):
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
     if args.out:
-        args.out.write_text(table)
+        atomic_write_text(args.out, table)
+        atomic_write_text(args.out.with_suffix(".csv"), runs_csv(collected.runs))
     else:
         print(table, end="")
     if args.plot:
-        plot_runs(runs, args.plot)
+        plot_runs(collected.runs, args.plot)
+    if args.qualitative:
+        return qualitative(collected.runs, args)
+    return 0
+
+
+def qualitative(runs: list[Run], args: argparse.Namespace) -> int:
+    from utils.figures import write_qualitative_figure
+    if args.qualitative_out and len(runs) > 1:
+        print("error: --qualitative-out names one figure; give one run folder, or leave it out", file=sys.stderr)
+        return 2
+    for run in runs:
+        out = args.qualitative_out or run.path / "qualitative.png"
+        try:
+            write_qualitative_figure(run.path, out, args.qualitative, args.device, data_root=args.data_root)
+        except UserError as err:
+            print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+            return 2
+        print(f"qualitative figure: {out}", file=sys.stderr)
     return 0
 
 
