@@ -39,11 +39,14 @@ def tiny_run(tmp_path_factory) -> Path:
         "data.eval_mode=center_crop", f"data.custom_steps={json.dumps(STEPS)}", "data.num_workers=0",
         "model.backbone=resnet18", "model.pretrained=none", "model.head_channels=16", "train.batch_size=4",
         "train.max_iters_per_step=2", "train.epochs=1", "train.epochs_incremental=1",
+        f"train.qualitative_figure={root / 'written_by_the_run.png'}",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run([sys.executable, "main.py", "--config", "configs/demo.yaml", "--opt", *options], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
+    # the run itself draws the figure at its end when train.qualitative_figure names a file (as the demo does)
+    assert (root / "written_by_the_run.png").read_bytes()[:4] == b"\x89PNG"
     return root / "runs" / "tiny"
 
 

@@ -48,7 +48,7 @@ def run_options(data_root: Path, output_dir: Path, name: str, steps=STEPS_3, **t
         "model.architecture=deeplabv3", "model.backbone=resnet18", "model.pretrained=none", "model.output_stride=16",
         "model.head_channels=16", "method.name=mbs",
         "train.batch_size=4", "train.val_batch_size=10", "train.log_interval=1", "train.validation=none",
-        "train.checkpoint_policy=last",
+        "train.checkpoint_policy=last", "train.qualitative_figure=null",  # demo.yaml's figure goes to fig/
     ]
     # one epoch per step: 13 / 4 / 4 iterations for the default steps, capped at 3
     train = {"max_iters_per_step": 3, "epochs": 1, "epochs_incremental": 1, "checkpoint_interval": 100, **train}

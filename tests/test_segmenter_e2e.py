@@ -138,6 +138,7 @@ def vit_run(tmp_path_factory):
         "method.name=mbs", "train.max_iters_per_step=3", "train.batch_size=4", "train.val_batch_size=10",
         # the ViT configs' selection: best new-class mIoU, validated every epoch
         "train.checkpoint_policy=best", "train.validation=epochs", "train.val_interval=1", "train.log_interval=1",
+        "train.qualitative_figure=null",  # demo.yaml's figure goes to the repository's fig/
     ]
     proc = subprocess.run([sys.executable, "main.py", "--config", "configs/demo.yaml", "--opt", *opts], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)

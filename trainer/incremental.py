@@ -31,6 +31,7 @@ from utils.config import Config, ConfigError, batch_per_process, config_to_dict
 from utils.distributed import (DistContext, StopRequest, all_gather_object, barrier, random_state, run_on_main,
                                set_random_state)
 from utils.errors import RunInterrupted
+from utils.figures import log_qualitative_to_tensorboard, write_qualitative_figure
 from utils.logs import TensorboardWriter, get_logger
 from utils.metrics import ConfusionMatrix, class_iou, summarize
 from utils.report import format_step_table, write_results
@@ -119,6 +120,10 @@ class IncrementalTrainer:
                                              f"({ckpt.step_checkpoint(self.run_dir, step)})", self.stop.signum)
             if self.ctx.is_main:
                 self.log.info("results (%s):\n%s", self.run_dir / "results.md", format_step_table(results))
+                if self.cfg.train.qualitative_figure:
+                    write_qualitative_figure(self.run_dir, self.cfg.train.qualitative_figure,
+                                             self.cfg.train.qualitative_images or 4, self.ctx.device)
+                    self.log.info("qualitative figure: %s", self.cfg.train.qualitative_figure)
         finally:  # flush what was logged, also when a step fails
             self.writer.close()
         return results
@@ -289,7 +294,8 @@ class IncrementalTrainer:
                 "task": self.task.name, "setting": cfg.data.setting, "method": self.switches.describe(),
                 "architecture": f"{cfg.model.architecture} {cfg.model.backbone}",
                 "checkpoint_policy": cfg.train.checkpoint_policy, "eval_mode": cfg.data.eval_mode,
-                "crop_size": cfg.data.crop_size, "processes": self.ctx.world_size,
+                "base_size": cfg.data.base_size, "crop_size": cfg.data.crop_size,
+                "steps": [list(s) for s in self.task.steps], "processes": self.ctx.world_size,
                 "skipped_bad_files": self.skipped_bad_files}
 
     def previous_results(self) -> list[dict]:
@@ -357,6 +363,9 @@ class IncrementalTrainer:
                       fmt(summary["miou_old_no_bg"]))
         self.writer.scalars({k: summary[k] for k in ("miou_old", "miou_new", "miou_all", "miou_old_no_bg")},
                             step, prefix="test/")
+        if self.cfg.train.qualitative_images > 0:
+            log_qualitative_to_tensorboard(self.writer, model, self.cfg, self.task, step,
+                                           self.cfg.train.qualitative_images)
         return summary
 
     def evaluate_checkpoint(self, step: int) -> dict:

@@ -130,6 +130,8 @@ class TrainConfig:
     checkpoint_interval: int = 500             # in-step checkpoint every N iterations (0: never)
     log_interval: int = 10                     # iterations between tensorboard scalars
     image_log_interval: int = 0                # iterations between tensorboard images (0: once per epoch)
+    qualitative_images: int = 4                # val images (image, truth, prediction) to tensorboard after each test
+    qualitative_figure: Optional[str] = None   # at the end of a run, draw them with every step's prediction (PNG)
 
 
 @dataclass
