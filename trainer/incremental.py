@@ -132,7 +132,8 @@ class IncrementalTrainer:
         method = build_method(cfg.method, self.task.num_old_channels(step), self.task.num_channels(step))
         model, old_model = self.models_for_step(step, method)
         train_set = train_dataset(self.task, step, cfg.data.root, cfg.data.setting == "disjoint",
-                                  train_transforms(cfg.data.base_size, cfg.data.crop_size, cfg.data.scale_range),
+                                  train_transforms(cfg.data.base_size, cfg.data.crop_size, cfg.data.scale_range,
+                                                   cfg.data.crop_padding),
                                   cfg.data.class_lists, cfg.data.cache_dir, progress=self.ctx.is_main)
         run = StepRun(step, model, old_model, method, plan_step(cfg.train, step, len(train_set)), cfg.train,
                       self.ctx)
