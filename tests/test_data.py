@@ -121,8 +121,8 @@ def test_step_dataset_selection_and_labels(voc):
     step1 = train_dataset(task, 1, str(root), disjoint=False, transform=plain, progress=False)
     assert step1.ids == ["b", "c"]
     image, label = step1[0]
-    assert image.dtype == torch.float32 and image.shape == (3, 20, 24)
-    assert label.dtype == torch.int64 and set(label.unique().tolist()) == {0, 3}  # class 1 rewritten to 0
+    assert image.dtype == torch.uint8 and image.shape == (3, 20, 24) and image.is_contiguous()
+    assert label.dtype == torch.uint8 and set(label.unique().tolist()) == {0, 3}  # class 1 rewritten to 0
     disjoint0 = train_dataset(task, 0, str(root), disjoint=True, transform=plain, progress=False)
     assert disjoint0.ids == ["a"]  # b holds the future class 3
     assert val_dataset(task, 1, str(root), plain, progress=False).ids == ["v1", "v2"]

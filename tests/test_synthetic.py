@@ -171,7 +171,7 @@ def test_loads_through_the_voc_step_datasets(small_root):
     # exactly the images whose label map holds one of the step's classes
     assert sorted(train.ids) == sorted(i for i, values in labels.items() if values & set(range(16, 21)))
     image, label = train[0]
-    assert image.shape == (3, 48, 48) and image.dtype == torch.float32 and label.dtype == torch.int64
+    assert image.shape == (3, 48, 48) and image.dtype == torch.uint8 and label.dtype == torch.uint8
     assert set(label.unique().tolist()) <= {0, 16, 17, 18, 19, 20, 255}  # old classes became background
     val = val_dataset(task, 0, str(small_root), eval_transforms("center_crop", 64, 64), progress=False)
     assert len(val) == 20

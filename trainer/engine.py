@@ -8,13 +8,13 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from datasets.transforms import denormalize
+from datasets.transforms import denormalize, normalize_on_device
 from models.base import SegmentationOutput
 from utils.distributed import DistContext
 from utils.logs import TensorboardWriter
 from utils.metrics import ConfusionMatrix
 
-from .step import StepRun, autocast_context
+from .step import StepRun, autocast_context, memory_format_for
 
 
 @dataclass
@@ -72,8 +72,9 @@ def train(run: StepRun, batches, logger: StepLogger, after_iteration: Callable[[
     bar = tqdm(batches, total=len(batches), disable=not ctx.is_main, leave=False, dynamic_ncols=True,
                desc=f"{logger.tag} epoch {run.state.epoch + 1}")
     for images, labels in bar:
-        images = images.to(ctx.device, non_blocking=True)
-        labels = labels.to(ctx.device, non_blocking=True)
+        images = normalize_on_device(images.to(ctx.device, non_blocking=True)).contiguous(
+            memory_format=run.memory_format)
+        labels = labels.to(ctx.device, non_blocking=True).long()
         loss, terms, output = train_iteration(run, images, labels)
         first_of_epoch = run.state.batch_in_epoch == 0
         completed_epoch = run.state.advance(run.plan.iterations_per_epoch)
@@ -97,13 +98,15 @@ def evaluate(model: nn.Module, loader, num_classes: int, ctx: DistContext, amp: 
     model.eval()
     matrix = ConfusionMatrix(num_classes, device=ctx.device)
     autocast = autocast_context(ctx.device, amp)
+    memory_format = memory_format_for(model, ctx.device)
     tuned = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = tuned and fixed_size
     try:
         for images, labels in tqdm(loader, disable=not ctx.is_main, leave=False, desc=progress_desc,
                                    dynamic_ncols=True):
-            images = images.to(ctx.device, non_blocking=True)
-            labels = labels.to(ctx.device, non_blocking=True)
+            images = normalize_on_device(images.to(ctx.device, non_blocking=True)).contiguous(
+                memory_format=memory_format)
+            labels = labels.to(ctx.device, non_blocking=True).long()
             with autocast:
                 logits = model(images).logits
             matrix.update(logits.argmax(1), labels)

@@ -23,7 +23,7 @@ from datasets.incremental import IncrementalSegmentation, selection_dataset, tra
 from datasets.labels import class_names
 from datasets.preflight import preflight
 from datasets.tasks import get_task
-from datasets.transforms import eval_transforms, train_transforms
+from datasets.transforms import eval_transforms_for, train_transforms
 from models import build_model
 from models.base import IncrementalSegmenter
 from utils import checkpoint as ckpt
@@ -176,7 +176,8 @@ class IncrementalTrainer:
         method = build_method(cfg.method, self.task.num_old_channels(step), self.task.num_channels(step))
         model, old_model = self.models_for_step(step, method)
         train_set = train_dataset(self.task, step, cfg.data.root, cfg.data.setting == "disjoint",
-                                  train_transforms(cfg.data.base_size, cfg.data.crop_size, cfg.data.scale_range),
+                                  train_transforms(cfg.data.base_size, cfg.data.crop_size, cfg.data.scale_range,
+                                                   cfg.data.crop_padding),
                                   cfg.data.class_lists, cfg.data.cache_dir, progress=self.ctx.is_main,
                                   skip_bad_files=cfg.data.skip_bad_files)
         run = StepRun(step, model, old_model, method, plan_step(cfg.train, step, len(train_set)), cfg.train,
@@ -248,7 +249,8 @@ class IncrementalTrainer:
 
         started = time.time()
         batches = train_loader(train_set, batch, self.ctx, cfg.seed * 1000 + run.step, plan.iterations_per_epoch,
-                               plan.total_iterations, cfg.data.num_workers, start_iteration=run.state.iteration)
+                               plan.total_iterations, cfg.data.num_workers, start_iteration=run.state.iteration,
+                               prefetch_factor=cfg.data.prefetch_factor)
         logger = StepLogger(self.writer, f"step{run.step}", train_cfg.log_interval, train_cfg.image_log_interval)
         train(run, batches, logger, after_iteration)
         self.log.info("step %d: trained %d iterations in %.1f s", run.step, run.state.iteration,
@@ -315,15 +317,14 @@ class IncrementalTrainer:
     def selection_loader(self, step: int):
         """Validation during a step, as the reference selects its "best" weights: the val images showing a
         class of the step, every other class labelled background (datasets.incremental.selection_dataset)."""
-        return self.eval_loader(selection_dataset, step)
+        return self.eval_loader(selection_dataset, step, reused=True)
 
-    def eval_loader(self, make_dataset, step: int):
+    def eval_loader(self, make_dataset, step: int, reused: bool = False):
         data = self.cfg.data
-        dataset = make_dataset(self.task, step, data.root,
-                               eval_transforms(data.eval_mode, data.base_size, data.crop_size),
-                               cache_dir=data.cache_dir, progress=self.ctx.is_main, skip_bad_files=data.skip_bad_files)
+        dataset = make_dataset(self.task, step, data.root, eval_transforms_for(data), cache_dir=data.cache_dir,
+                               progress=self.ctx.is_main, skip_bad_files=data.skip_bad_files)
         batch = 1 if data.eval_mode == "full" else self.cfg.train.val_batch_size
-        return eval_loader(dataset, batch, self.ctx, data.num_workers)
+        return eval_loader(dataset, batch, self.ctx, data.num_workers, data.prefetch_factor, reused)
 
     def step_summary(self, matrix: ConfusionMatrix, step: int) -> dict:
         evaluated = self.task.evaluated_channels(step)

@@ -25,7 +25,7 @@ from datasets.class_lists import ClassLists, load_class_lists
 from datasets.incremental import IncrementalSegmentation, val_dataset
 from datasets.labels import IGNORE_INDEX, class_names
 from datasets.tasks import UNEVALUATED_LABELS, Task
-from datasets.transforms import denormalize, eval_transforms
+from datasets.transforms import eval_transforms_for, normalize_on_device
 from models import build_model
 from utils import checkpoint as ckpt
 from utils.config import Config, config_from_dict
@@ -67,14 +67,14 @@ def figure_dataset(cfg: Config, task: Task) -> IncrementalSegmentation:
     """The validation set with the run's evaluation transforms and the labels of every class of the task
     (the last step's label table), so the ground truth shows the classes later steps learn too."""
     data = cfg.data
-    return val_dataset(task, task.num_steps - 1, data.root, eval_transforms(data.eval_mode, data.base_size,
-                                                                             data.crop_size),
-                       cache_dir=data.cache_dir, progress=False)
+    return val_dataset(task, task.num_steps - 1, data.root, eval_transforms_for(data), cache_dir=data.cache_dir,
+                       progress=False, skip_bad_files=data.skip_bad_files)
 
 
 def chosen_samples(cfg: Config, task: Task, num_images: int) -> tuple[IncrementalSegmentation, list[int]]:
     dataset = figure_dataset(cfg, task)
-    _, lists = load_class_lists(task.dataset, cfg.data.root, "val", None, cfg.data.cache_dir, progress=False)
+    _, lists = load_class_lists(task.dataset, cfg.data.root, "val", None, cfg.data.cache_dir, progress=False,
+                                skip_bad_files=cfg.data.skip_bad_files)
     ids = choose_images(task, lists, dataset.ids, num_images)
     return dataset, [dataset.ids.index(i) for i in ids]
 
@@ -82,7 +82,8 @@ def chosen_samples(cfg: Config, task: Task, num_images: int) -> tuple[Incrementa
 # ------------------------------------------------------------------ predictions
 @torch.no_grad()
 def predict(model: nn.Module, images: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Output-channel predictions (H, W) of ``images`` (normalised (3, H, W)); images of one size share a batch."""
+    """Output-channel predictions (H, W) of ``images`` (uint8 (3, H, W), as the datasets give them); images of
+    one size share a batch."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -91,7 +92,7 @@ def predict(model: nn.Module, images: list[torch.Tensor]) -> list[torch.Tensor]:
     for index, image in enumerate(images):
         by_size.setdefault(tuple(image.shape), []).append(index)
     for indices in by_size.values():
-        batch = torch.stack([images[i] for i in indices]).to(device)
+        batch = normalize_on_device(torch.stack([images[i] for i in indices]).to(device))
         for i, prediction in zip(indices, model(batch).logits.argmax(1).cpu()):
             predictions[i] = prediction
     model.train(was_training)
@@ -183,7 +184,7 @@ def qualitative_grid(run_dir: Path, num_images: int, device: str | torch.device 
         added = task.classes_per_step[step]
         titles[step] = f"step 0 ({added} classes)" if step == 0 else f"step {step} (+{added})"
     names = class_names(task, cfg.data.root, cfg.data.synthetic.enabled)
-    rgb = [(denormalize(image[None])[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8) for image in images]
+    rgb = [image.permute(1, 2, 0).numpy() for image in images]
     return QualitativeGrid([dataset.ids[i] for i in indices], rgb, [class_ids(label, task) for _, label in samples],
                            predictions, titles, dict(zip(task.order, names)), dataset_palette(task.dataset))
 
@@ -266,5 +267,5 @@ def log_qualitative_to_tensorboard(writer: TensorboardWriter, model: nn.Module, 
     predictions = predict(model, [image for image, _ in samples])
     palette = dataset_palette(task.dataset)
     for index, (image, label), prediction in zip(indices, samples, predictions):
-        writer.segmentation_images(f"qualitative/{dataset.ids[index]}", denormalize(image[None])[0],
+        writer.segmentation_images(f"qualitative/{dataset.ids[index]}", image.float() / 255,
                                    class_ids(label, task), class_ids(prediction, task), step, palette)
