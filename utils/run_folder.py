@@ -39,7 +39,7 @@ EXPERIMENT_KEYS = frozenset({
     "train.epochs", "train.epochs_incremental", "train.batch_size", "train.lr", "train.lr_incremental",
     "train.lr_schedule", "train.poly_power", "train.head_lr_multiplier", "train.momentum", "train.nesterov",
     "train.weight_decay", "train.amp", "train.max_iters_per_step", "train.validation", "train.val_interval",
-    "train.checkpoint_policy", "train.step0_checkpoint",
+    "train.checkpoint_policy",
 })
 # Keys that say where things are or how the run is executed, not what it computes: they may differ (a warning
 # lists them). data.root / class_lists / cache_dir are locations: data moved to another disk is the same data.
@@ -47,7 +47,8 @@ HARMLESS_KEYS = frozenset({
     "name", "output_dir", "device", "start_step", "end_step",
     "data.root", "data.class_lists", "data.cache_dir", "data.num_workers", "data.prefetch_factor",
     "train.val_batch_size", "train.compile", "train.checkpoint_interval", "train.log_interval",
-    "train.image_log_interval",
+    "train.image_log_interval", "train.qualitative_images", "train.qualitative_figure",
+    "train.step0_checkpoint",  # a reused step 0 has the same recipe as one trained here (trainer/step0_reuse.py)
 })
 
 
