@@ -341,7 +341,9 @@ def knowledge_distillation_from_probs(new_logits: torch.Tensor, old_probs: torch
     num_old = old_probs.shape[1]
     with _fp32_region(new_logits):
         log_probs = torch.log_softmax(new_logits[:, :num_old].float(), dim=1)
-        return -(old_probs.detach().float() * log_probs).mean()
+        # sum / numel rather than mean(): the same value, but mean's backward materialises a full-size
+        # gradient of the product, sum's is a broadcast view.
+        return -(old_probs.detach().float() * log_probs).sum() / log_probs.numel()
 
 
 def knowledge_distillation(new_logits: torch.Tensor, old_logits: torch.Tensor) -> torch.Tensor:
