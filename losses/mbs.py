@@ -269,7 +269,7 @@ class _GuidedTargetSum(torch.autograd.Function):
         old_probs, moved_mass, guided_class = ctx.saved_tensors
         batch, num_old, height, width = old_probs.shape
         grad = old_probs.new_empty(batch, ctx.num_classes, height, width)
-        torch.mul(old_probs, grad_output, out=grad[:, :num_old])
+        grad[:, :num_old].copy_(old_probs).mul_(grad_output)  # in place: no temporary of that size
         grad[:, num_old:].zero_()
         moved = (moved_mass * grad_output).unsqueeze(1)
         grad[:, :1].sub_(moved)                  # q[0] = 0 at guided pixels (p_old[0] - p_old[0])
