@@ -15,6 +15,11 @@ Conventions shared by all functions:
   (CPU autocast would otherwise run ``matmul`` in bfloat16). Scalar losses are
   returned as float32 tensors.
 * Label maps are never modified in place.
+* Each loss that reads the old model's softmax or the current model's
+  log-softmax has a ``*_from_probs`` form taking them precomputed (from
+  :func:`old_probabilities` / :func:`log_probabilities`), so a training step
+  computes each once and shares it between pseudo-labelling, cross-entropy and
+  output distillation; the logits form is a thin wrapper with the same values.
 
 Shape letters: B batch, C classes of the current model, C_old classes seen
 before the current step (background 0 included), H, W label / logit
@@ -30,13 +35,19 @@ import torch.nn.functional as F
 from datasets.labels import IGNORE_INDEX
 
 __all__ = [
+    "old_probabilities",
+    "log_probabilities",
     "pseudo_labels",
+    "pseudo_labels_from_probs",
     "selective_pseudo_labels",
+    "selective_pseudo_labels_from_probs",
     "afd_weight_map",
     "adaptive_feature_distillation",
     "feature_distillation",
     "label_guided_distillation",
+    "label_guided_distillation_from_probs",
     "knowledge_distillation",
+    "knowledge_distillation_from_probs",
     "orthogonal_loss",
 ]
 
@@ -61,12 +72,50 @@ def _check_spatial(labels: torch.Tensor, maps: torch.Tensor, what: str) -> None:
                          f"{tuple(maps.shape)} (B,C,H,W)")
 
 
-def _pseudo_labels_from_probs(labels: torch.Tensor, old_probs: torch.Tensor,
-                              threshold: float) -> torch.Tensor:
-    """Step 1 of component (b) given the old model's probabilities (B,C_old,H,W)."""
-    max_prob, old_class = old_probs.max(dim=1)  # (B,H,W) each
-    confident_object = (labels == 0) & (old_class != 0) & (max_prob >= threshold)
-    return torch.where(confident_object, old_class.to(labels.dtype), labels)
+def _check_old_fits_new(old: torch.Tensor, new: torch.Tensor, what: str) -> None:
+    """Old-model maps (B,C_old,H,W) must match the current ones (B,C,H,W) with C_old <= C."""
+    if old.dim() != 4 or new.dim() != 4 or old.shape[0] != new.shape[0] or old.shape[2:] != new.shape[2:] \
+            or old.shape[1] > new.shape[1]:
+        raise ValueError(f"{what}: old logits {tuple(old.shape)} do not fit new logits {tuple(new.shape)}")
+
+
+def old_probabilities(old_logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the channels of the old model's logits: float32, detached (no graph).
+
+    Args:
+        old_logits: (B,C_old,H,W) logits of the frozen old model.
+
+    Returns:
+        (B,C_old,H,W) float32, the ``old_probs`` argument of the ``*_from_probs`` functions.
+    """
+    with torch.no_grad(), _fp32_region(old_logits):
+        return torch.softmax(old_logits.detach().float(), dim=1)
+
+
+def log_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Log-softmax over the channels of the current model's logits, float32, in the graph.
+
+    ``F.nll_loss`` of it equals ``F.cross_entropy`` of the logits (that is how
+    PyTorch computes the latter), so one log-softmax serves cross-entropy and
+    label-guided distillation.
+
+    Args:
+        logits: (B,C,H,W) logits of the model being trained.
+
+    Returns:
+        (B,C,H,W) float32.
+    """
+    with _fp32_region(logits):
+        return torch.log_softmax(logits.float(), dim=1)
+
+
+def pseudo_labels_from_probs(labels: torch.Tensor, old_probs: torch.Tensor, threshold: float = 0.7) -> torch.Tensor:
+    """:func:`pseudo_labels` given the old model's probabilities (B,C_old,H,W)."""
+    _check_spatial(labels, old_probs, "pseudo_labels")
+    with torch.no_grad():
+        max_prob, old_class = old_probs.detach().float().max(dim=1)  # (B,H,W) each
+        confident_object = (labels == 0) & (old_class != 0) & (max_prob >= threshold)
+        return torch.where(confident_object, old_class.to(labels.dtype), labels)
 
 
 def pseudo_labels(labels: torch.Tensor, old_logits: torch.Tensor, threshold: float = 0.7) -> torch.Tensor:
@@ -82,10 +131,21 @@ def pseudo_labels(labels: torch.Tensor, old_logits: torch.Tensor, threshold: flo
     Returns:
         (B,H,W) long, a new tensor (``labels`` is left untouched).
     """
-    _check_spatial(labels, old_logits, "pseudo_labels")
-    with torch.no_grad(), _fp32_region(old_logits):
-        old_probs = torch.softmax(old_logits.detach().float(), dim=1)
-        return _pseudo_labels_from_probs(labels, old_probs, threshold)
+    return pseudo_labels_from_probs(labels, old_probabilities(old_logits), threshold)
+
+
+def selective_pseudo_labels_from_probs(labels: torch.Tensor, old_probs: torch.Tensor, threshold: float = 0.7,
+                                       ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """:func:`selective_pseudo_labels` given the old model's probabilities (B,C_old,H,W)."""
+    _check_spatial(labels, old_probs, "selective_pseudo_labels")
+    with torch.no_grad():
+        old_probs = old_probs.detach().float()
+        out = pseudo_labels_from_probs(labels, old_probs, threshold)
+        # Sum the object probabilities explicitly rather than 1 - p[0], to
+        # follow Eq. 2 literally (and avoid rounding in 1 - p).
+        is_object = old_probs[:, 1:].sum(dim=1) > old_probs[:, 0]
+        uncertain_object = (out == 0) & is_object
+        return torch.where(uncertain_object, torch.full_like(out, ignore_index), out)
 
 
 def selective_pseudo_labels(labels: torch.Tensor, old_logits: torch.Tensor, threshold: float = 0.7,
@@ -108,15 +168,7 @@ def selective_pseudo_labels(labels: torch.Tensor, old_logits: torch.Tensor, thre
         (B,H,W) long, a new tensor (``labels`` is left untouched). Existing
         ignore pixels and new-class pixels are never changed.
     """
-    _check_spatial(labels, old_logits, "selective_pseudo_labels")
-    with torch.no_grad(), _fp32_region(old_logits):
-        old_probs = torch.softmax(old_logits.detach().float(), dim=1)
-        out = _pseudo_labels_from_probs(labels, old_probs, threshold)
-        # Sum the object probabilities explicitly rather than 1 - p[0], to
-        # follow Eq. 2 literally (and avoid rounding in 1 - p).
-        is_object = old_probs[:, 1:].sum(dim=1) > old_probs[:, 0]
-        uncertain_object = (out == 0) & is_object
-        return torch.where(uncertain_object, torch.full_like(out, ignore_index), out)
+    return selective_pseudo_labels_from_probs(labels, old_probabilities(old_logits), threshold, ignore_index)
 
 
 def afd_weight_map(old_logits: torch.Tensor, labels: torch.Tensor, num_old: int,
@@ -138,8 +190,8 @@ def afd_weight_map(old_logits: torch.Tensor, labels: torch.Tensor, num_old: int,
         is a new class (>= num_old) or ``ignore_index``.
     """
     _check_spatial(labels, old_logits, "afd_weight_map")
-    with torch.no_grad(), _fp32_region(old_logits):
-        background_prob = torch.softmax(old_logits.detach().float(), dim=1)[:, 0]
+    background_prob = old_probabilities(old_logits)[:, 0]
+    with torch.no_grad():
         is_old_class = (labels >= 1) & (labels < num_old) & (labels != ignore_index)
         weight = torch.where(is_old_class, torch.ones_like(background_prob),
                              torch.zeros_like(background_prob))
@@ -191,6 +243,62 @@ def feature_distillation(feat_new: torch.Tensor, feat_old: torch.Tensor) -> torc
         return F.mse_loss(feat_new.float(), feat_old.detach().float())
 
 
+class _GuidedTargetSum(torch.autograd.Function):
+    """``sum(q * log_probs)`` over all B*C*H*W entries, for the LGKD target ``q``, never materialising ``q``.
+
+    Forward: ``sum_{c < C_old} p_old[c] log_probs[c]`` plus, at each guided pixel, the moved background mass
+    times ``log_probs[k] - log_probs[0]`` (``log_probs[k]`` gathered). Backward: the gradient is ``q`` itself,
+    written into one buffer. Why by hand: autograd of the same forward allocates and zero-fills a full-size
+    (B,C,H,W) buffer for each of the slice, the channel-0 select and the gather, which on CPU costs more than
+    the log-softmax.
+    """
+
+    @staticmethod
+    def forward(ctx, log_probs, old_probs, moved_mass, guided_class):
+        """log_probs (B,C,H,W); old_probs (B,C_old,H,W); moved_mass (B,H,W): p_old[0] at guided pixels, 0
+        elsewhere; guided_class (B,1,H,W) long: the new class k at guided pixels, 0 elsewhere."""
+        ctx.save_for_backward(old_probs, moved_mass, guided_class)
+        ctx.num_classes = log_probs.shape[1]
+        old_channel_sum = (old_probs * log_probs[:, :old_probs.shape[1]]).sum()
+        # Exactly 0 at non-guided pixels (channel 0 minus itself, times 0).
+        shift = log_probs.gather(1, guided_class).squeeze(1) - log_probs[:, 0]
+        return old_channel_sum + (moved_mass * shift).sum()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        old_probs, moved_mass, guided_class = ctx.saved_tensors
+        batch, num_old, height, width = old_probs.shape
+        grad = old_probs.new_empty(batch, ctx.num_classes, height, width)
+        grad[:, :num_old].copy_(old_probs).mul_(grad_output)  # in place: no temporary of that size
+        grad[:, num_old:].zero_()
+        moved = (moved_mass * grad_output).unsqueeze(1)
+        grad[:, :1].sub_(moved)                  # q[0] = 0 at guided pixels (p_old[0] - p_old[0])
+        grad.scatter_add_(1, guided_class, moved)  # q[k] = p_old[0] there; adds 0 to channel 0 elsewhere
+        return grad, None, None, None
+
+
+def label_guided_distillation_from_probs(new_log_probs: torch.Tensor, old_probs: torch.Tensor, labels: torch.Tensor,
+                                         ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """:func:`label_guided_distillation` given ``log_softmax(new)`` (B,C,H,W) and ``softmax(old)`` (B,C_old,H,W).
+
+    The target ``q`` is never built (no one-hot, no padded target, no
+    channels-last copy): ``sum_c q[c] log p_new[c]`` is the old-channel sum
+    ``sum_{c < C_old} p_old[c] log p_new[c]`` plus, at a guided pixel with new
+    class k, ``p_old[0] (log p_new[k] - log p_new[0])``. Same values and
+    gradients as building ``q``.
+    """
+    _check_spatial(labels, new_log_probs, "label_guided_distillation")
+    _check_old_fits_new(old_probs, new_log_probs, "label_guided_distillation")
+    num_classes, num_old = new_log_probs.shape[1], old_probs.shape[1]
+    with _fp32_region(new_log_probs):
+        old_probs = old_probs.detach().float()
+        is_new = (labels >= num_old) & (labels < num_classes) & (labels != ignore_index)  # (B,H,W)
+        moved_mass = torch.where(is_new, old_probs[:, 0], 0.0)
+        guided_class = torch.where(is_new, labels, 0).unsqueeze(1)
+        total = _GuidedTargetSum.apply(new_log_probs.float(), old_probs, moved_mass, guided_class)
+        return -total / new_log_probs.numel()
+
+
 def label_guided_distillation(new_logits: torch.Tensor, old_logits: torch.Tensor, labels: torch.Tensor,
                               ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
     """Label-guided output distillation of MBS (component (d), Eq. 7).
@@ -219,29 +327,23 @@ def label_guided_distillation(new_logits: torch.Tensor, old_logits: torch.Tensor
     Returns:
         float32 scalar.
     """
-    _check_spatial(labels, new_logits, "label_guided_distillation")
-    num_classes, num_old = new_logits.shape[1], old_logits.shape[1]
-    if old_logits.shape[0] != new_logits.shape[0] or old_logits.shape[2:] != new_logits.shape[2:] \
-            or num_old > num_classes:
-        raise ValueError(f"label_guided_distillation: old logits {tuple(old_logits.shape)} do not fit "
-                         f"new logits {tuple(new_logits.shape)}")
+    return label_guided_distillation_from_probs(log_probabilities(new_logits), old_probabilities(old_logits),
+                                                labels, ignore_index)
+
+
+def knowledge_distillation_from_probs(new_logits: torch.Tensor, old_probs: torch.Tensor) -> torch.Tensor:
+    """:func:`knowledge_distillation` given ``softmax(old)`` (B,C_old,H,W).
+
+    It takes the new logits, not the shared ``log_softmax(new)``: KD normalises
+    over the old channels only, so it needs its own log-softmax over those.
+    """
+    _check_old_fits_new(old_probs, new_logits, "knowledge_distillation")
+    num_old = old_probs.shape[1]
     with _fp32_region(new_logits):
-        old_probs = torch.softmax(old_logits.detach().float(), dim=1)
-        log_probs = torch.log_softmax(new_logits.float(), dim=1)
-
-        is_new = (labels >= num_old) & (labels < num_classes) & (labels != ignore_index)  # (B,H,W)
-        # One-hot of the new class at guided pixels, all zeros elsewhere
-        # (non-guided pixels are mapped to channel 0 and then masked out).
-        guided_class = torch.where(is_new, labels, torch.zeros_like(labels))
-        new_one_hot = F.one_hot(guided_class, num_classes).permute(0, 3, 1, 2).float()
-        new_one_hot = new_one_hot * is_new.unsqueeze(1)
-
-        background = old_probs[:, :1]  # (B,1,H,W)
-        target = F.pad(old_probs, (0, 0, 0, 0, 0, num_classes - num_old))  # zeros for new channels
-        target = target + new_one_hot * background  # q[k] = p_old[0] at guided pixels
-        keep_background = (~is_new).unsqueeze(1).float()
-        target = torch.cat([target[:, :1] * keep_background, target[:, 1:]], dim=1)  # q[0] = 0 there
-        return -(target * log_probs).mean()
+        log_probs = torch.log_softmax(new_logits[:, :num_old].float(), dim=1)
+        # sum / numel rather than mean(): the same value, but mean's backward materialises a full-size
+        # gradient of the product, sum's is a broadcast view.
+        return -(old_probs.detach().float() * log_probs).sum() / log_probs.numel()
 
 
 def knowledge_distillation(new_logits: torch.Tensor, old_logits: torch.Tensor) -> torch.Tensor:
@@ -260,15 +362,7 @@ def knowledge_distillation(new_logits: torch.Tensor, old_logits: torch.Tensor) -
     Returns:
         float32 scalar.
     """
-    num_old = old_logits.shape[1]
-    if old_logits.shape[0] != new_logits.shape[0] or old_logits.shape[2:] != new_logits.shape[2:] \
-            or num_old > new_logits.shape[1]:
-        raise ValueError(f"knowledge_distillation: old logits {tuple(old_logits.shape)} do not fit "
-                         f"new logits {tuple(new_logits.shape)}")
-    with _fp32_region(new_logits):
-        old_probs = torch.softmax(old_logits.detach().float(), dim=1)
-        log_probs = torch.log_softmax(new_logits[:, :num_old].float(), dim=1)
-        return -(old_probs * log_probs).mean()
+    return knowledge_distillation_from_probs(new_logits, old_probabilities(old_logits))
 
 
 def orthogonal_loss(class_vectors: torch.Tensor, num_old: int) -> torch.Tensor:

@@ -247,3 +247,128 @@ def test_label_inputs_not_modified_in_place():
     # the selective labels only differ from plain ones by extra ignore pixels
     changed = selective != plain
     assert (selective[changed] == 255).all() and (plain[changed] == 0).all()
+
+
+# ------------------------------------------------ the gather form against the previous one-hot form
+# The oracle is the one-hot implementation this project used before (kept in the benchmark script).
+from benchmarks.losses import previous_knowledge_distillation, previous_label_guided_distillation  # noqa: E402
+
+# (B, C, C_old, H, W): odd sizes (so means are not divisions by powers of two), C_old = C included.
+SHAPES = [(2, 5, 3, 7, 9), (1, 3, 2, 4, 5), (3, 21, 16, 5, 11), (2, 4, 4, 3, 3)]
+
+
+def random_step_inputs(batch, num_classes, num_old, height, width, seed):
+    """New logits (with grad), old logits and labels over 0, old classes, new classes and 255."""
+    generator = torch.Generator().manual_seed(seed)
+    new = (3 * torch.randn(batch, num_classes, height, width, generator=generator)).requires_grad_()
+    old = 3 * torch.randn(batch, num_old, height, width, generator=generator)
+    values = torch.tensor([0, *range(1, num_classes), 255])
+    labels = values[torch.randint(0, len(values), (batch, height, width), generator=generator)]
+    labels.view(-1)[: len(values)] = values  # every kind of label occurs at least once
+    return new, old, labels
+
+
+def value_and_scaled_grad(loss_fn, new, *args):
+    """The loss and its gradient w.r.t. the new logits times their element count (so entries are O(1))."""
+    new.grad = None
+    loss = loss_fn(new, *args)
+    loss.backward()
+    return loss.detach(), new.grad * new.numel()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_lgkd_equals_previous_one_hot_form(shape):
+    new, old, labels = random_step_inputs(*shape, seed=sum(shape))
+    labels[-1, -1, -1] = shape[1]  # neither a current class nor ignore: no guidance
+    value, grad = value_and_scaled_grad(L.label_guided_distillation, new, old, labels)
+    expected_value, expected_grad = value_and_scaled_grad(previous_label_guided_distillation, new, old, labels)
+    torch.testing.assert_close(value, expected_value, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_knowledge_distillation_equals_previous_form(shape):
+    new, old, labels = random_step_inputs(*shape, seed=sum(shape) + 1)
+    value, grad = value_and_scaled_grad(L.knowledge_distillation, new, old)
+    expected_value, expected_grad = value_and_scaled_grad(previous_knowledge_distillation, new, old)
+    torch.testing.assert_close(value, expected_value, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
+
+
+def test_lgkd_from_probs_takes_shared_log_softmax_and_softmax():
+    new, old, labels = random_step_inputs(2, 5, 3, 6, 7, seed=4)
+    shared = L.label_guided_distillation_from_probs(L.log_probabilities(new), L.old_probabilities(old), labels)
+    assert torch.equal(shared, L.label_guided_distillation(new, old, labels))
+    shared_kd = L.knowledge_distillation_from_probs(new, L.old_probabilities(old))
+    assert torch.equal(shared_kd, L.knowledge_distillation(new, old))
+
+
+def test_lgkd_from_probs_argument_checks():
+    new, old, labels = random_step_inputs(2, 5, 3, 6, 7, seed=5)
+    with pytest.raises(ValueError, match="label_guided_distillation"):
+        L.label_guided_distillation_from_probs(L.log_probabilities(new)[:, :2], L.old_probabilities(old), labels)
+    with pytest.raises(ValueError, match="label_guided_distillation"):
+        L.label_guided_distillation_from_probs(L.log_probabilities(new), L.old_probabilities(old), labels[:, 1:])
+    with pytest.raises(ValueError, match="knowledge_distillation"):
+        L.knowledge_distillation_from_probs(new[:1], L.old_probabilities(old))
+
+
+# ------------------------------------------------ IncrementalMethod.losses shares softmax / log-softmax
+class _ClassVectors:
+    """The one model method IncrementalMethod.losses calls (for the orthogonal term)."""
+
+    def __init__(self, vectors):
+        self.vectors = vectors
+
+    def class_vectors(self):
+        return self.vectors
+
+
+@pytest.mark.parametrize("preset", ["mbs", "baseline", "finetune"])
+def test_method_losses_equal_the_loss_functions_on_logits(preset):
+    from models.base import SegmentationOutput
+    from trainer.methods import build_method, resize_labels
+    from utils.config import MethodConfig
+
+    num_old, num_classes, threshold = 3, 5, 0.6
+    torch.manual_seed(6)
+    new_logits, old_logits, labels = random_step_inputs(2, num_classes, num_old, 12, 10, seed=6)
+    labels = torch.where((labels >= 1) & (labels < num_old), 0, labels)  # step labels: old classes are 0
+    new = SegmentationOutput(new_logits, torch.randn(2, num_classes, 3, 2), torch.randn(2, 8, 3, 2),
+                             torch.randn(2, num_classes, 8))
+    old = SegmentationOutput(old_logits, torch.randn(2, num_old, 3, 2), torch.randn(2, 8, 3, 2),
+                             torch.randn(2, num_old, 8))
+    model = _ClassVectors(torch.randn(num_classes, 8))
+    method = build_method(MethodConfig(name=preset, pseudo_threshold=threshold), num_old, num_classes)
+    terms = method.losses(labels, new, old if method.needs_old_model else None, model)
+
+    switches = method.switches
+    targets = labels
+    expected = {}
+    if preset != "finetune":
+        pseudo = L.selective_pseudo_labels if switches.selective_pl else L.pseudo_labels
+        targets = pseudo(labels, old_logits, threshold)
+        assert not torch.equal(targets, labels)  # the old model's probabilities are used
+        if switches.afd:
+            weight = L.afd_weight_map(old.logits_lowres, resize_labels(targets, (3, 2)), num_old)
+            expected["feature_distill"] = switches.feature_distill_weight * L.adaptive_feature_distillation(
+                new.features, old.features, weight)
+        else:
+            expected["feature_distill"] = switches.feature_distill_weight * L.feature_distillation(
+                new.features, old.features)
+        expected["class_embedding_distill"] = switches.class_embedding_distill_weight * torch.nn.functional.mse_loss(
+            new.class_embeddings[:, :num_old], old.class_embeddings)
+        output = (L.label_guided_distillation(new_logits, old_logits, labels) if switches.lgkd
+                  else L.knowledge_distillation(new_logits, old_logits))
+        expected["output_distill"] = switches.output_distill_weight * output
+    if switches.ortho:
+        expected["ortho"] = switches.ortho_weight * (2 / 5) * L.orthogonal_loss(model.vectors, num_old)
+    expected["ce"] = torch.nn.functional.cross_entropy(new_logits, targets, ignore_index=255)
+
+    assert set(terms) == set(expected)
+    for name in expected:
+        assert torch.equal(terms[name], expected[name]), name
+    # Same gradient w.r.t. the new logits (the shared log-softmax only changes the order of additions).
+    _, grad = value_and_scaled_grad(lambda logits: sum(terms.values()), new_logits)
+    _, expected_grad = value_and_scaled_grad(lambda logits: sum(expected.values()), new_logits)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-5)

@@ -113,13 +113,16 @@ class IncrementalMethod:
         if self.incremental and self.switches.weight_transfer:
             model.transfer_background_to_new_classes()
 
-    def training_labels(self, labels: torch.Tensor, old: Optional[SegmentationOutput]) -> torch.Tensor:
+    def training_labels(self, labels: torch.Tensor, old_probs: Optional[torch.Tensor]) -> torch.Tensor:
+        """The cross-entropy targets: ``labels``, pseudo-labelled from ``old_probs`` (softmax of the old
+        model's logits at label resolution, None without an old model) when the method says so."""
         switches = self.switches
-        if old is None or not switches.pseudo_labels:
+        if old_probs is None or not switches.pseudo_labels:
             return labels
         if switches.selective_pl:
-            return losses.selective_pseudo_labels(labels, old.logits, switches.pseudo_threshold, IGNORE_INDEX)
-        return losses.pseudo_labels(labels, old.logits, switches.pseudo_threshold)
+            return losses.selective_pseudo_labels_from_probs(labels, old_probs, switches.pseudo_threshold,
+                                                             IGNORE_INDEX)
+        return losses.pseudo_labels_from_probs(labels, old_probs, switches.pseudo_threshold)
 
     def losses(self, labels: torch.Tensor, new: SegmentationOutput, old: Optional[SegmentationOutput],
                model: IncrementalSegmenter) -> dict[str, torch.Tensor]:
@@ -130,8 +133,14 @@ class IncrementalMethod:
         or when the method needs no old model).
         """
         switches = self.switches
-        targets = self.training_labels(labels, old)
-        terms = {"ce": F.cross_entropy(new.logits.float(), targets, ignore_index=IGNORE_INDEX)}
+        # One softmax of the old logits (pseudo-labels, output distillation) and one log-softmax of the new
+        # logits (cross-entropy, label-guided distillation) per batch; nll_loss of the log-softmax is exactly
+        # F.cross_entropy of the logits.
+        reads_old_probs = old is not None and (switches.pseudo_labels or switches.output_distill)
+        old_probs = losses.old_probabilities(old.logits) if reads_old_probs else None
+        log_probs = losses.log_probabilities(new.logits)
+        targets = self.training_labels(labels, old_probs)
+        terms = {"ce": F.nll_loss(log_probs, targets, ignore_index=IGNORE_INDEX)}
         if not self.incremental:
             return terms
         if old is not None and switches.feature_distill:
@@ -148,9 +157,9 @@ class IncrementalMethod:
                     new.class_embeddings[:, : self.num_old].float(), old.class_embeddings.float().detach())
         if old is not None and switches.output_distill:
             if switches.lgkd:
-                output_term = losses.label_guided_distillation(new.logits, old.logits, labels, IGNORE_INDEX)
+                output_term = losses.label_guided_distillation_from_probs(log_probs, old_probs, labels, IGNORE_INDEX)
             else:
-                output_term = losses.knowledge_distillation(new.logits, old.logits)
+                output_term = losses.knowledge_distillation_from_probs(new.logits, old_probs)
             terms["output_distill"] = switches.output_distill_weight * output_term
         if switches.ortho:
             new_share = (self.num_classes - self.num_old) / self.num_classes
