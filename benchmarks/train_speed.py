@@ -189,6 +189,19 @@ def build_run(cfg: Config, task: Task, step: int, ctx: DistContext) -> StepRun:
     return StepRun(step, model, old_model, method, plan, cfg.train, ctx)
 
 
+def prepared_step(spec: dict, step: int, ctx: DistContext, method: Optional[str] = None
+                  ) -> tuple[Config, Task, StepRun, tuple[torch.Tensor, torch.Tensor]]:
+    """Step ``step`` of the VOC 15-1 recipe (``method``: the config's by default) as the trainer builds it, in
+    training mode, and a synthetic batch of its labels on the device."""
+    cfg = benchmark_config(RECIPES[spec["arch"]]["voc"], spec["arch"], {**spec, "method": method})
+    task = get_task(cfg.data.dataset, cfg.data.task, cfg.data.custom_steps)
+    run = build_run(cfg, task, step, ctx)
+    batch = synthetic_batch(cfg.train.batch_size, cfg.data.crop_size, step_label_channels(task, step), ctx.device,
+                            torch.Generator().manual_seed(1))
+    run.train_model.train()
+    return cfg, task, run, batch
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -257,13 +270,7 @@ def flop_rate(flops: int, median_s: float, cfg: Config, device: torch.device) ->
 def measure_training(spec: dict) -> dict:
     """Time train_iteration of one step of the VOC 15-1 recipe; then, for the incremental step, evaluation."""
     ctx = init_distributed(spec["device"])
-    cfg = benchmark_config(RECIPES[spec["arch"]]["voc"], spec["arch"], spec)
-    task = get_task(cfg.data.dataset, cfg.data.task, cfg.data.custom_steps)
-    run = build_run(cfg, task, spec["step"], ctx)
-    generator = torch.Generator().manual_seed(1)
-    images, labels = synthetic_batch(cfg.train.batch_size, cfg.data.crop_size,
-                                     step_label_channels(task, spec["step"]), ctx.device, generator)
-    run.train_model.train()
+    cfg, task, run, (images, labels) = prepared_step(spec, spec["step"], ctx)
     times = time_calls(lambda: train_iteration(run, images, labels), spec["warmup"], spec["iters"], ctx.device)
     run.check_losses()  # a benchmark of a diverging step would be meaningless
     result = {"classes_per_step": run.model.classes_per_step,
@@ -275,16 +282,16 @@ def measure_training(spec: dict) -> dict:
     flops = count_flops(lambda: train_iteration(run, images, labels))
     result.update(flop_rate(flops, result["s_per_iteration"]["median"], cfg, ctx.device))
     if spec.get("evaluation"):
-        result = {"train": result, "evaluation": measure_evaluation(run, cfg, task, spec, generator)}
+        result = {"train": result, "evaluation": measure_evaluation(run, cfg, task, spec)}
     return result
 
 
-def measure_evaluation(run: StepRun, cfg: Config, task: Task, spec: dict, generator: torch.Generator) -> dict:
+def measure_evaluation(run: StepRun, cfg: Config, task: Task, spec: dict) -> dict:
     """trainer.engine.evaluate (eval mode, no_grad, the trainer's autocast, confusion matrix) on one batch
     of ``train.val_batch_size`` images per call."""
     num_channels = task.num_channels(run.step)
     batch = synthetic_batch(cfg.train.val_batch_size, cfg.data.crop_size, list(range(num_channels)),
-                            run.ctx.device, generator)
+                            run.ctx.device, torch.Generator().manual_seed(2))
     times = time_calls(lambda: evaluate(run.model, [batch], num_channels, run.ctx, cfg.train.amp),
                        spec["warmup"], spec["iters"], run.ctx.device)
     return {"mode": "center crop (fixed size)", "precision": precision(cfg, run.ctx.device),
@@ -295,15 +302,8 @@ def measure_mbs_over_finetune(spec: dict) -> dict:
     """The incremental MBS step against a fine-tuning step (cross-entropy, no old model) of the same model,
     and the old model's no-grad forward alone; the three are interleaved (order rotated) over repetitions."""
     ctx = init_distributed(spec["device"])
-    config = RECIPES[spec["arch"]]["voc"]
-    mbs_cfg = benchmark_config(config, spec["arch"], {**spec, "method": "mbs"})
-    finetune_cfg = benchmark_config(config, spec["arch"], {**spec, "method": "finetune"})
-    task = get_task(mbs_cfg.data.dataset, mbs_cfg.data.task, mbs_cfg.data.custom_steps)
-    mbs, finetune = build_run(mbs_cfg, task, 1, ctx), build_run(finetune_cfg, task, 1, ctx)
-    images, labels = synthetic_batch(mbs_cfg.train.batch_size, mbs_cfg.data.crop_size, step_label_channels(task, 1),
-                                     ctx.device, torch.Generator().manual_seed(1))
-    mbs.train_model.train()
-    finetune.train_model.train()
+    mbs_cfg, _, mbs, (images, labels) = prepared_step(spec, 1, ctx, "mbs")
+    _, _, finetune, _ = prepared_step(spec, 1, ctx, "finetune")
 
     def old_forward():
         with mbs.autocast, torch.no_grad():
@@ -333,12 +333,7 @@ def profile_incremental_step(spec: dict) -> dict:
     """torch.profiler over one incremental MBS iteration: the ops that dominate, and how much of the wall
     time is spent outside aten ops (Python, autograd engine, optimiser loop: the framework's overhead)."""
     ctx = init_distributed(spec["device"])
-    cfg = benchmark_config(RECIPES[spec["arch"]]["voc"], spec["arch"], spec)
-    task = get_task(cfg.data.dataset, cfg.data.task, cfg.data.custom_steps)
-    run = build_run(cfg, task, 1, ctx)
-    images, labels = synthetic_batch(cfg.train.batch_size, cfg.data.crop_size, step_label_channels(task, 1),
-                                     ctx.device, torch.Generator().manual_seed(1))
-    run.train_model.train()
+    cfg, _, run, (images, labels) = prepared_step(spec, 1, ctx)
     time_calls(lambda: train_iteration(run, images, labels), spec["warmup"], 0, ctx.device)
     activities = [torch.profiler.ProfilerActivity.CPU]
     if ctx.device.type == "cuda":
@@ -470,21 +465,24 @@ def machine_info(device: torch.device) -> dict:
             "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()}
 
 
-def resolve_arguments(args: argparse.Namespace) -> argparse.Namespace:
+def resolve_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argparse.Namespace:
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     elif args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda was asked for but CUDA is not available")
+        parser.error("--device cuda was asked for but CUDA is not available")
     for key, small_value in SMALL_DEFAULTS.items():
         if getattr(args, key) is None and args.small:
             setattr(args, key, small_value)
+    if args.batch == 1 and args.arch in ("deeplabv3", "both"):
+        parser.error("--batch 1 cannot train DeepLab-V3: batch norm in the ASPP's image-pooling branch "
+                         "needs more than one value per channel (use --batch 2 or more, or --arch segmenter)")
     args.size = args.size or 512
     args.iters = args.iters or 10
     args.warmup = 3 if args.warmup is None else args.warmup
     return args
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--arch", choices=["deeplabv3", "segmenter", "both"], default="both")
@@ -503,7 +501,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true", help="also profile one incremental MBS iteration")
     parser.add_argument("--output", help="also write the JSON to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one configuration, JSON spec
-    return parser.parse_args(argv)
+    return parser
 
 
 def measure_architecture(arch: str, spec: dict, args: argparse.Namespace) -> dict:
@@ -526,12 +524,13 @@ def measure_architecture(arch: str, spec: dict, args: argparse.Namespace) -> dic
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
+    parser = argument_parser()
+    args = parser.parse_args(argv)
     if args.worker:
         spec = json.loads(args.worker)
         print(json.dumps(WORKERS[spec["kind"]](spec)))
         return 0
-    args = resolve_arguments(args)
+    args = resolve_arguments(args, parser)
     spec = {"device": args.device, "size": args.size, "batch": args.batch, "val_batch": args.val_batch,
             "iters": args.iters, "warmup": args.warmup, "amp": args.amp, "small": args.small}
     archs = ["deeplabv3", "segmenter"] if args.arch == "both" else [args.arch]
