@@ -20,10 +20,12 @@ architecture's recipe (configs/{voc,ade20k}{,_vit}.yaml), from the iterations pe
 plan_step`` over the per-step image counts), the measured seconds per image, and the evaluations the recipe
 runs (the test after each step; the reference's validations for the "best" policy).
 
-    python benchmarks/train_speed.py --device cuda                        # the numbers users care about
-    python benchmarks/train_speed.py --small --device cpu                 # CI-size: seconds on a CPU
-    OMP_NUM_THREADS=2 python benchmarks/train_speed.py --device cpu --batch 1 --iters 3 --warmup 1 --val-batch 1
+    python benchmarks/train_speed.py --device cuda --output speed.json   # the recipes' batches, 512 px
+    python benchmarks/train_speed.py --small --device cpu                # CI size: tiny models, seconds
+    python benchmarks/train_speed.py --device cpu --arch segmenter --batch 1 --val-batch 1 --iters 3 --warmup 1
     python benchmarks/train_speed.py --arch deeplabv3 --size 256 --batch 2 --compare-finetune 5 --profile
+
+(DeepLab-V3 cannot train at batch 1: the batch norm of its ASPP image-pooling branch needs two images.)
 """
 from __future__ import annotations
 
@@ -95,7 +97,7 @@ def _sdpa_cpu_backward_flops(grad_out, query, key, value, *args, out_shape=None,
     return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
 
 
-# FlopCounterMode counts the CUDA attention kernels but not the CPU one (torch 2.x): same formula for it.
+# FlopCounterMode counts the CUDA attention kernels but not the CPU one (torch 2.14): the same formula for it.
 CPU_ATTENTION_FLOPS = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops,
                        aten._scaled_dot_product_flash_attention_for_cpu_backward: _sdpa_cpu_backward_flops}
 
