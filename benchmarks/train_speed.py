@@ -52,10 +52,9 @@ from datasets.class_lists import read_class_lists  # noqa: E402
 from datasets.labels import IGNORE_INDEX  # noqa: E402
 from datasets.splits import selection_image_ids, step_image_ids  # noqa: E402
 from datasets.tasks import Task, get_task  # noqa: E402
-from models import build_model  # noqa: E402
 from trainer.engine import evaluate, train_iteration  # noqa: E402
 from trainer.methods import build_method  # noqa: E402
-from trainer.step import StepRun, TrainState, plan_step, validation_due  # noqa: E402
+from trainer.step import StepRun, TrainState, plan_step, step_models, validation_due  # noqa: E402
 from utils.config import Config, load_config  # noqa: E402
 from utils.distributed import DistContext, init_distributed  # noqa: E402
 
@@ -175,17 +174,10 @@ def step_label_channels(task: Task, step: int) -> list[int]:
 
 def build_run(cfg: Config, task: Task, step: int, ctx: DistContext) -> StepRun:
     """The StepRun the trainer would build for ``step``, from random weights instead of a checkpoint (the
-    same steps as trainer.incremental.IncrementalTrainer.models_for_step)."""
+    trainer's own trainer.step.step_models)."""
     torch.manual_seed(cfg.seed)
     method = build_method(cfg.method, task.num_old_channels(step), task.num_channels(step))
-    model = build_model(cfg.model, task.classes_per_step[: step + 1], cfg.data.crop_size)
-    old_model = None
-    if step > 0:
-        old_model = build_model(cfg.model, task.classes_per_step[:step], cfg.data.crop_size)
-        model.load_state_dict(old_model.state_dict(), strict=False)  # the new step's keys keep their init
-        method.prepare_model(model)
-        if not method.needs_old_model:
-            old_model = None
+    model, old_model = step_models(cfg.model, task, step, method, cfg.data.crop_size)
     counts, _ = train_image_counts(cfg, task)
     plan = plan_step(cfg.train, step, counts[step])
     return StepRun(step, model, old_model, method, plan, cfg.train, ctx)

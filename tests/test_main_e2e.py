@@ -640,3 +640,15 @@ def test_auto_reuse_skips_other_recipes(finished_run, data_root, runs_dir):
         assert find_reusable_step0(other, task, runs_dir / "probe") is None, change
     other_classes = get_task("voc", "probe", [list(range(14)), list(range(14, 21))])
     assert find_reusable_step0(same, other_classes, runs_dir / "probe") is None
+
+
+def test_deeplab_refuses_one_image_per_process(tmp_path):
+    """The ASPP image-pooling branch normalises a (B, C, 1, 1) tensor: one image would fail in the first
+    iteration with a torch traceback; it is refused up front, naming the key."""
+    from trainer.incremental import IncrementalTrainer
+    from utils.config import ConfigError, load_config
+    from utils.distributed import DistContext
+    cfg = load_config(ROOT / "configs/demo.yaml", [f"output_dir={tmp_path}", "train.batch_size=2"])
+    with pytest.raises(ConfigError, match=r"train.batch_size=2 leaves one image per process"):
+        IncrementalTrainer(cfg, DistContext(rank=0, world_size=2))
+    IncrementalTrainer(cfg, DistContext(rank=0, world_size=1))  # two images in one process train

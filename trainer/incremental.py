@@ -40,7 +40,7 @@ from utils.run_folder import prepare_run_folder
 from .engine import StepLogger, evaluate, train
 from .loaders import eval_loader, train_loader
 from .methods import IncrementalMethod, build_method, resolve_switches
-from .step import StepRun, plan_step, validation_due
+from .step import StepRun, plan_step, step_models, validation_due
 from .step0_reuse import find_reusable_step0, recipe_hash, step0_recipe
 
 
@@ -68,7 +68,12 @@ class IncrementalTrainer:
         if not 0 <= cfg.start_step <= self.end_step < self.task.num_steps:
             raise ConfigError(f"steps {cfg.start_step}..{self.end_step} are outside task {self.task.name} "
                               f"(steps 0..{self.task.num_steps - 1})")
-        batch_per_process(cfg.train.batch_size, ctx.world_size)  # the same refusal on every rank
+        per_process = batch_per_process(cfg.train.batch_size, ctx.world_size)  # the same refusal on every rank
+        synchronised_norm = ctx.distributed and ctx.device.type == "cuda"  # SyncBatchNorm (trainer/step.py)
+        if per_process == 1 and cfg.model.architecture == "deeplabv3" and not synchronised_norm:
+            raise ConfigError(f"train.batch_size={cfg.train.batch_size} leaves one image per process: the batch norm "
+                              "of DeepLab-V3's image-pooling branch needs at least two (or several GPUs, whose "
+                              "batch norm is synchronised)")
         self.names = class_names(self.task, cfg.data.root, cfg.data.synthetic.enabled)
         # A no-op until run() has checked the run folder: a refused run or --eval-only writes no event file.
         self.writer = TensorboardWriter(None, False)
@@ -190,21 +195,15 @@ class IncrementalTrainer:
 
     def models_for_step(self, step: int, method: IncrementalMethod
                         ) -> tuple[IncrementalSegmenter, Optional[IncrementalSegmenter]]:
-        """The model to train and the frozen old model (None at step 0 or when the method needs none)."""
-        if step == 0:
-            return self.model_for_step(0), None
-        previous = ckpt.step_checkpoint(self.run_dir, step - 1)
-        if not previous.exists():
-            raise ckpt.CheckpointError(f"step {step} starts from the checkpoint of step {step - 1}, but {previous} "
-                                       f"does not exist: run step {step - 1} first (start_step)")
-        state = ckpt.load(previous)["model"]
-        old_model = self.model_for_step(step - 1)
-        ckpt.load_model_weights(old_model, state, str(previous))
-        model = self.model_for_step(step)
-        new_keys = tuple(sorted(set(model.state_dict()) - set(old_model.state_dict())))
-        ckpt.load_model_weights(model, state, str(previous), allowed_missing_prefixes=new_keys)
-        method.prepare_model(model)
-        return model, old_model if method.needs_old_model else None
+        """The model to train and the frozen old model, from the previous step's checkpoint."""
+        previous, source = None, ""
+        if step > 0:
+            path = ckpt.step_checkpoint(self.run_dir, step - 1)
+            if not path.exists():
+                raise ckpt.CheckpointError(f"step {step} starts from the checkpoint of step {step - 1}, but {path} "
+                                           f"does not exist: run step {step - 1} first (start_step)")
+            previous, source = ckpt.load(path)["model"], str(path)
+        return step_models(self.cfg.model, self.task, step, method, self.cfg.data.crop_size, previous, source)
 
     def resume_in_step(self, run: StepRun) -> None:
         """Continue ``run`` from its in-step checkpoint, when resuming and there is one."""

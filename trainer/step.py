@@ -17,8 +17,10 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from datasets.tasks import Task
+from models import build_model
 from models.base import IncrementalSegmenter
-from utils.checkpoint import CheckpointError
+from utils.checkpoint import CheckpointError, load_model_weights
 from utils.distributed import DistContext
 from utils.logs import get_logger
 
@@ -69,6 +71,24 @@ def plan_step(train_cfg, step: int, num_images: int) -> StepPlan:
     if train_cfg.max_iters_per_step is not None:
         total = min(total, train_cfg.max_iters_per_step)
     return StepPlan(epochs, per_epoch, total, train_cfg.lr_incremental if incremental else train_cfg.lr)
+
+
+def step_models(model_cfg, task: Task, step: int, method: IncrementalMethod, image_size: int,
+                previous: Optional[dict] = None, source: str = "the previous step"
+                ) -> tuple[IncrementalSegmenter, Optional[IncrementalSegmenter]]:
+    """The model that trains at ``step`` and the frozen old model (None at step 0, or when the method needs
+    none). From step 1 on, both start from ``previous`` (step - 1's weights; None keeps the old model's random
+    initialisation, e.g. for benchmarks) and the method prepares the new one (background transfer)."""
+    if step == 0:
+        return build_model(model_cfg, task.classes_per_step[:1], image_size), None
+    old_model = build_model(model_cfg, task.classes_per_step[:step], image_size)
+    if previous is not None:
+        load_model_weights(old_model, previous, source)
+    model = build_model(model_cfg, task.classes_per_step[: step + 1], image_size)
+    new_keys = tuple(sorted(set(model.state_dict()) - set(old_model.state_dict())))
+    load_model_weights(model, old_model.state_dict(), source, allowed_missing_prefixes=new_keys)
+    method.prepare_model(model)
+    return model, old_model if method.needs_old_model else None
 
 
 def reference_validation_interval(total_iterations: int) -> int:
