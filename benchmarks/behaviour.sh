@@ -8,9 +8,9 @@
 # EXTRA (more --opt overrides for every run).
 #
 # Step 0 trains cross-entropy only whatever the method (no method component acts before
-# step 1), so it is trained once, in the mbs run, and its checkpoint is copied into the
-# other runs, which then continue with --resume: the three methods start step 1 from
-# the very same model, and the comparison isolates what the methods do.
+# step 1): the mbs run trains it, and the other two reuse it (train.step0_checkpoint=auto
+# finds it in OUT), so the three methods start step 1 from the very same model and the
+# comparison isolates what the methods do.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/behaviour}
@@ -19,14 +19,10 @@ EXTRA=${EXTRA:-}
 methods="mbs baseline finetune"
 
 for method in $methods; do
-  run="$OUT/$method"
-  if [ "$method" != mbs ] && [ ! -e "$run/checkpoints/step0.pt" ]; then
-    mkdir -p "$run/checkpoints"
-    cp "$OUT/mbs/checkpoints/step0.pt" "$run/checkpoints/step0.pt"
-  fi
   # shellcheck disable=SC2086
   "$PYTHON" main.py --config configs/demo.yaml --resume \
-    --opt "output_dir=$OUT" "name=$method" "method.name=$method" $EXTRA
+    --opt "output_dir=$OUT" "name=$method" "method.name=$method" train.step0_checkpoint=auto \
+    train.qualitative_figure=null $EXTRA
 done
 
 "$PYTHON" -m utils.report "$OUT/finetune" "$OUT/baseline" "$OUT/mbs" \

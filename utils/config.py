@@ -267,7 +267,7 @@ RANGES: dict[str, Range] = {
     "train.head_lr_multiplier": POSITIVE, "train.momentum": PROBABILITY, "train.weight_decay": AT_LEAST_0,
     "train.max_iters_per_step": AT_LEAST_1, "train.val_interval": AT_LEAST_1,
     "train.checkpoint_interval": AT_LEAST_0, "train.log_interval": AT_LEAST_1,
-    "train.image_log_interval": AT_LEAST_0,
+    "train.image_log_interval": AT_LEAST_0, "train.qualitative_images": AT_LEAST_0,
 }
 
 
