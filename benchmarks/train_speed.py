@@ -52,6 +52,7 @@ from datasets.class_lists import read_class_lists  # noqa: E402
 from datasets.labels import IGNORE_INDEX  # noqa: E402
 from datasets.splits import selection_image_ids, step_image_ids  # noqa: E402
 from datasets.tasks import Task, get_task  # noqa: E402
+from datasets.transforms import normalize_on_device  # noqa: E402
 from trainer.engine import evaluate, train_iteration  # noqa: E402
 from trainer.methods import build_method  # noqa: E402
 from trainer.step import StepRun, TrainState, plan_step, step_models, validation_due  # noqa: E402
@@ -158,8 +159,9 @@ def validation_image_counts(cfg: Config, task: Task) -> tuple[int, list[int], st
 # ------------------------------------------------------------------ one configuration (worker process)
 def synthetic_batch(batch: int, size: int, channels: list[int], device: torch.device,
                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalised-looking random images and labels drawn from ``channels``, with some pixels 255."""
-    images = torch.randn(batch, 3, size, size, generator=generator)
+    """Random uint8 images (as the loaders hand them over) and labels drawn from ``channels``, with some
+    pixels 255."""
+    images = torch.randint(256, (batch, 3, size, size), generator=generator, dtype=torch.uint8)
     choices = torch.tensor(channels)
     labels = choices[torch.randint(len(channels), (batch, size, size), generator=generator)]
     labels[torch.rand(batch, size, size, generator=generator) < LABEL_IGNORED_SHARE] = IGNORE_INDEX
@@ -190,10 +192,12 @@ def prepared_step(spec: dict, step: int, ctx: DistContext, method: Optional[str]
     cfg = benchmark_config(RECIPES[spec["arch"]]["voc"], spec["arch"], {**spec, "method": method})
     task = get_task(cfg.data.dataset, cfg.data.task, cfg.data.custom_steps)
     run = build_run(cfg, task, step, ctx)
-    batch = synthetic_batch(cfg.train.batch_size, cfg.data.crop_size, step_label_channels(task, step), ctx.device,
-                            torch.Generator().manual_seed(1))
+    images, labels = synthetic_batch(cfg.train.batch_size, cfg.data.crop_size, step_label_channels(task, step),
+                                     ctx.device, torch.Generator().manual_seed(1))
+    # what trainer.engine.train hands to train_iteration
+    images = normalize_on_device(images).contiguous(memory_format=run.memory_format)
     run.train_model.train()
-    return cfg, task, run, batch
+    return cfg, task, run, (images, labels)
 
 
 def synchronize(device: torch.device) -> None:
