@@ -619,6 +619,13 @@ def test_second_task_reuses_the_first_tasks_step0(finished_run, data_root, runs_
     assert step0["reused_from"] == str(source) and f"reused from {source}" in step0["checkpoint"]
     assert step0["miou_all"] == original["metrics"]["miou_all"]  # the same weights on the same val images
 
+    # a reuse of that reuse names the run that trained step 0, once
+    again = run_options(data_root, runs_dir, "reuse_again", steps=steps) + [
+        "method.name=finetune", f"train.step0_checkpoint={runs_dir / 'reuse' / 'checkpoints' / 'step0.pt'}"]
+    assert run_in_process(main_argv(again), capsys).returncode == 0
+    step0 = json.loads((runs_dir / "reuse_again" / "results.json").read_text())["steps"][0]
+    assert step0["reused_from"] == str(source) and step0["checkpoint"].count("reused from") == 1
+
     # another step-0 recipe (a learning rate) is refused by name when the checkpoint is named explicitly
     changed = run_options(data_root, runs_dir, "reuse_changed", steps=steps) + [
         "train.lr=0.123", f"train.step0_checkpoint={source}"]

@@ -159,7 +159,12 @@ class IncrementalTrainer:
         ckpt.load_model_weights(model, saved["model"], str(source))
         metrics = self.test(model.to(self.ctx.device), 0)
         trained = saved["metrics"]
-        metrics.update({"checkpoint": f"{trained['checkpoint']}, reused from {source}", "reused_from": str(source),
+        if "reused_from" in trained:  # a reuse of a reuse names the run that trained step 0
+            origin, label = trained["reused_from"], trained["checkpoint"]
+        else:
+            origin = str(source)
+            label = f"{trained['checkpoint']}, reused from {origin}"
+        metrics.update({"checkpoint": label, "reused_from": origin,
                         "iterations": trained["iterations"], "validation_history": trained["validation_history"]})
         self.save_finished_step(0, saved["model"], metrics)
         return metrics
