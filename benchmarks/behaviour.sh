@@ -2,10 +2,11 @@
 # Behaviour experiment: fine-tuning vs the reference's baseline vs MBS on the synthetic
 # data (configs/demo.yaml: a 4-step 14-2 task, DeepLab-V3 ResNet-18 from scratch, CPU).
 #
-#   bash benchmarks/behaviour.sh            # writes benchmarks/behaviour.md and fig/behaviour_synthetic.png
+#   bash benchmarks/behaviour.sh    # the table in runs/behaviour/summary.md, the plot in fig/behaviour_synthetic.png
+#                                   # (benchmarks/behaviour.md reports them)
 #
 # Environment: OUT (runs folder, default runs/behaviour), PYTHON (default python),
-# EXTRA (more --opt overrides for every run).
+# EXTRA (more --opt overrides for every run, e.g. EXTRA=seed=1), PLOT (the plot's path).
 #
 # Step 0 trains cross-entropy only whatever the method (no method component acts before
 # step 1): the mbs run trains it, and the other two reuse it (train.step0_checkpoint=auto
@@ -16,6 +17,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/behaviour}
 PYTHON=${PYTHON:-python}
 EXTRA=${EXTRA:-}
+PLOT=${PLOT:-fig/behaviour_synthetic.png}
 methods="mbs baseline finetune"
 
 for method in $methods; do
@@ -26,5 +28,5 @@ for method in $methods; do
 done
 
 "$PYTHON" -m utils.report "$OUT/finetune" "$OUT/baseline" "$OUT/mbs" \
-  --out "$OUT/summary.md" --plot fig/behaviour_synthetic.png
-echo "table: $OUT/summary.md, plot: fig/behaviour_synthetic.png"
+  --out "$OUT/summary.md" --plot "$PLOT"
+echo "table: $OUT/summary.md, plot: $PLOT"
