@@ -35,6 +35,10 @@ def test_vit_configs_have_the_reference_hyperparameters():
         # "best" selects on validation, at the reference's cadence
         assert t.checkpoint_policy == "best" and t.validation == "reference"
         assert cfg.method.name == "mbs" and cfg.method.pseudo_threshold == 0.7
+    # the reference's crop padding is set in the ViT configs themselves; the DeepLab configs keep MiB/PLOP's
+    for config, padding in [("voc_vit", "reference"), ("ade20k_vit", "reference"), ("voc", "ignore"),
+                            ("ade20k", "ignore")]:
+        assert yaml.safe_load((ROOT / f"configs/{config}.yaml").read_text())["data"]["crop_padding"] == padding
     assert (voc.train.epochs, ade.train.epochs) == (32, 64)
     assert (voc.train.batch_size, ade.train.batch_size) == (16, 8)
     assert (voc.train.lr_incremental, ade.train.lr_incremental) == (1e-4, 5e-4)
@@ -70,6 +74,35 @@ def test_main_sh_points_at_the_vit_configs():
         launches = [line for line in out.stdout.splitlines() if " main.py " in line]
         assert launches and all(f"--config {config} " in line for line in launches)
         assert (ROOT / config).is_file()
+
+
+def test_voc_vit_config_runs_end_to_end_with_the_reference_recipe(tmp_path):
+    """configs/voc_vit.yaml as shipped (reference crop padding, constant lr, best weights chosen at the reference's
+    cadence), only the data and the ViT's size overridden: step 0 has 104 iterations (52 images, batch 4, 8 epochs),
+    so it validates at iteration 100 (max(100, 104 // 10)) and keeps the best weights; step 1 (fewer than 100
+    iterations) never validates."""
+    opts = [
+        "name=vit_ref", f"output_dir={tmp_path / 'runs'}", "device=cpu",
+        f"data.root={tmp_path / 'synthetic'}", "data.synthetic.enabled=true", "data.synthetic.num_train=60",
+        "data.synthetic.num_val=20", "data.synthetic.image_size=32", "data.base_size=32", "data.crop_size=32",
+        "data.num_workers=0", f"data.custom_steps={json.dumps(STEPS[:2])}", "data.task=15-2",
+        "model.pretrained=none", f"model.backbone_overrides={json.dumps(TINY_VIT)}", "model.decoder_dim=16",
+        "model.decoder_heads=2", "train.epochs=8", "train.batch_size=4", "train.val_batch_size=10",
+    ]
+    proc = subprocess.run([sys.executable, "main.py", "--config", "configs/voc_vit.yaml", "--opt", *opts], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"main.py failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    run = tmp_path / "runs" / "vit_ref"
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["data"]["crop_padding"] == "reference" and saved["train"]["validation"] == "reference"
+    assert saved["model"]["decoder_drop_path_rate"] == 0.1 and saved["train"]["lr_schedule"] == "constant"
+    steps = json.loads((run / "results.json").read_text())["steps"]
+    assert steps[0]["iterations"] == 104 and steps[1]["iterations"] < 100
+    assert [v["iteration"] for v in steps[0]["validation_history"]] == [100]
+    assert steps[1]["validation_history"] == []
+    assert steps[0]["checkpoint"].startswith("best (iteration 100,")
+    assert steps[1]["checkpoint"] == "last (the step was never validated)"
+    assert all(s["miou_all_reference"] is not None for s in steps)
 
 
 # ------------------------------------------------- MBS on a Segmenter (unit)

@@ -276,6 +276,8 @@ class IncrementalTrainer:
             run.model.load_state_dict(best["model"])
             return (f"best (iteration {state.best_iteration}, mIoU of the step's classes {state.best_score:.4f} "
                     "on val)")
+        if self.cfg.train.checkpoint_policy == "best":  # e.g. a step shorter than the reference's cadence
+            return "last (the step was never validated)"
         return "last"
 
     def save_finished_step(self, step: int, weights: dict, metrics: dict) -> None:
