@@ -52,8 +52,7 @@ from datasets.class_lists import read_class_lists  # noqa: E402
 from datasets.labels import IGNORE_INDEX  # noqa: E402
 from datasets.splits import selection_image_ids, step_image_ids  # noqa: E402
 from datasets.tasks import Task, get_task  # noqa: E402
-from datasets.transforms import normalize_on_device  # noqa: E402
-from trainer.engine import evaluate, train_iteration  # noqa: E402
+from trainer.engine import device_batch, evaluate, train_iteration  # noqa: E402
 from trainer.methods import build_method  # noqa: E402
 from trainer.step import StepRun, TrainState, plan_step, step_models, validation_due  # noqa: E402
 from utils.config import Config, load_config  # noqa: E402
@@ -194,8 +193,7 @@ def prepared_step(spec: dict, step: int, ctx: DistContext, method: Optional[str]
     run = build_run(cfg, task, step, ctx)
     images, labels = synthetic_batch(cfg.train.batch_size, cfg.data.crop_size, step_label_channels(task, step),
                                      ctx.device, torch.Generator().manual_seed(1))
-    # what trainer.engine.train hands to train_iteration
-    images = normalize_on_device(images).contiguous(memory_format=run.memory_format)
+    images, labels = device_batch(images, labels, ctx.device, run.memory_format)  # as trainer.engine.train does
     run.train_model.train()
     return cfg, task, run, (images, labels)
 

@@ -44,6 +44,14 @@ class StepLogger:
                                             labels[0], output.logits[0].argmax(0), iteration)
 
 
+def device_batch(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
+                 memory_format: torch.memory_format) -> tuple[torch.Tensor, torch.Tensor]:
+    """A loader batch (uint8 images and labels) as the model and the losses take it: normalised float images in
+    the model's memory format and int64 labels, on ``device``."""
+    images = normalize_on_device(images.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
+    return images, labels.to(device, non_blocking=True).long()
+
+
 def train_iteration(run: StepRun, images: torch.Tensor, labels: torch.Tensor
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], SegmentationOutput]:
     """One optimiser step on one batch: forward (and the old model's), the method's loss terms, backward."""
@@ -72,9 +80,7 @@ def train(run: StepRun, batches, logger: StepLogger, after_iteration: Callable[[
     bar = tqdm(batches, total=len(batches), disable=not ctx.is_main, leave=False, dynamic_ncols=True,
                desc=f"{logger.tag} epoch {run.state.epoch + 1}")
     for images, labels in bar:
-        images = normalize_on_device(images.to(ctx.device, non_blocking=True)).contiguous(
-            memory_format=run.memory_format)
-        labels = labels.to(ctx.device, non_blocking=True).long()
+        images, labels = device_batch(images, labels, ctx.device, run.memory_format)
         loss, terms, output = train_iteration(run, images, labels)
         first_of_epoch = run.state.batch_in_epoch == 0
         completed_epoch = run.state.advance(run.plan.iterations_per_epoch)
@@ -104,9 +110,7 @@ def evaluate(model: nn.Module, loader, num_classes: int, ctx: DistContext, amp: 
     try:
         for images, labels in tqdm(loader, disable=not ctx.is_main, leave=False, desc=progress_desc,
                                    dynamic_ncols=True):
-            images = normalize_on_device(images.to(ctx.device, non_blocking=True)).contiguous(
-                memory_format=memory_format)
-            labels = labels.to(ctx.device, non_blocking=True).long()
+            images, labels = device_batch(images, labels, ctx.device, memory_format)
             with autocast:
                 logits = model(images).logits
             matrix.update(logits.argmax(1), labels)
