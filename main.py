@@ -62,6 +62,11 @@ def main(argv=None) -> int:
                     print(format_step_table([summary]))
             else:
                 trainer.run()
+                if ctx.is_main and cfg.train.qualitative_figure:
+                    from analysis.figures import write_qualitative_figure
+                    write_qualitative_figure(cfg.run_dir, cfg.train.qualitative_figure,
+                                             cfg.train.qualitative_images or 4, ctx.device)
+                    log.info("qualitative figure: %s", cfg.train.qualitative_figure)
         except UserError as err:
             # Bad input (config, data, run folder, checkpoint, weights): one clear line, no traceback.
             # Anything else is a bug and keeps its traceback.

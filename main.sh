@@ -77,9 +77,9 @@ esac
 
 # The tables (Markdown + CSV), the curves, and the published numbers beside every run of the same protocol.
 summary="$OUT/summary_${suite}_${METHOD}"
-echo "+ $PYTHON -m utils.report ${run_dirs[*]} --out $summary.md --plot $summary.png --published"
+echo "+ $PYTHON -m analysis.report ${run_dirs[*]} --out $summary.md --plot $summary.png --published"
 if [ "$DRY_RUN" != 1 ]; then
-  "$PYTHON" -m utils.report "${run_dirs[@]}" --out "$summary.md" --plot "$summary.png" --published
+  "$PYTHON" -m analysis.report "${run_dirs[@]}" --out "$summary.md" --plot "$summary.png" --published
   cat "$summary.md"
   echo "results: $summary.md, $summary.csv (one line per run), $summary.png (mIoU after every step)"
 fi

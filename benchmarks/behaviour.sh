@@ -27,6 +27,6 @@ for method in $methods; do
     train.qualitative_figure=null $EXTRA
 done
 
-"$PYTHON" -m utils.report "$OUT/finetune" "$OUT/baseline" "$OUT/mbs" \
+"$PYTHON" -m analysis.report "$OUT/finetune" "$OUT/baseline" "$OUT/mbs" \
   --out "$OUT/summary.md" --plot "$PLOT"
 echo "table: $OUT/summary.md, plot: $PLOT"

@@ -39,7 +39,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # This file is itself named losses.py: put the repository first so ``import losses`` finds the package.
 sys.path.insert(0, str(REPO_ROOT))
 import losses  # noqa: E402
-from datasets.labels import IGNORE_INDEX  # noqa: E402
+from utils.ignore import IGNORE_INDEX  # noqa: E402
 
 FULL_SIZE = dict(batch=8, classes=21, old_classes=16, size=512, repeats=5)
 SMALL_SIZE = dict(batch=2, classes=6, old_classes=4, size=32, repeats=2)

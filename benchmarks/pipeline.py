@@ -51,7 +51,8 @@ from torchvision.transforms import v2  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datasets.incremental import IncrementalSegmentation  # noqa: E402
-from datasets.labels import IGNORE_INDEX, label_lookup  # noqa: E402
+from datasets.labels import label_lookup  # noqa: E402
+from utils.ignore import IGNORE_INDEX  # noqa: E402
 from datasets.layout import split_files  # noqa: E402
 from datasets.tasks import get_task  # noqa: E402
 from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize_on_device, train_transforms  # noqa: E402

@@ -49,7 +49,7 @@ import torch  # noqa: E402
 from torch.utils import flop_counter  # noqa: E402
 
 from datasets.class_lists import read_class_lists  # noqa: E402
-from datasets.labels import IGNORE_INDEX  # noqa: E402
+from utils.ignore import IGNORE_INDEX  # noqa: E402
 from datasets.splits import selection_image_ids, step_image_ids  # noqa: E402
 from datasets.tasks import Task, get_task  # noqa: E402
 from trainer.engine import device_batch, evaluate, train_iteration  # noqa: E402

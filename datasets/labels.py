@@ -1,4 +1,4 @@
-"""Label values: the ignore label, how a step rewrites a label map, and the name of every class.
+"""Label values: how a step rewrites a label map (the ignore label itself is ``utils.ignore.IGNORE_INDEX``).
 
 Training labels at step t keep only the step's classes (mapped to their output
 channel); every other class, old or future, becomes background (0); the labels
@@ -10,18 +10,11 @@ shuffled class orders cost nothing.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-from .layout import DatasetLayoutError, ade_base
-from .tasks import NUM_CLASSES, UNEVALUATED_LABELS, Task
+from utils.ignore import IGNORE_INDEX
 
-IGNORE_INDEX = 255  # the label value no loss and no metric counts
-
-VOC_CLASS_NAMES = ("background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
-                   "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
-                   "train", "tvmonitor")
+from .tasks import UNEVALUATED_LABELS, Task
 
 
 def label_lookup(task: Task, step: int, split: str) -> np.ndarray:
@@ -43,34 +36,3 @@ def label_lookup(task: Task, step: int, split: str) -> np.ndarray:
         raise ValueError(f"split must be 'train', 'selection' or 'val', got {split!r}")
     table[IGNORE_INDEX] = IGNORE_INDEX
     return table
-
-
-def _ade_names(root: str | Path) -> list[str]:
-    """ADE20K's short class names from ``objectInfo150.txt`` ("Idx Ratio Train Val Name", names like
-    "building;edifice"); generic names when the file is absent."""
-    names = ["other"] + [f"ade_{k}" for k in range(1, NUM_CLASSES["ade"])]
-    try:
-        info = ade_base(root) / "objectInfo150.txt"
-    except DatasetLayoutError:  # no data yet (e.g. --eval-only elsewhere): the generic names
-        return names
-    if info.is_file():
-        for line in info.read_text().splitlines()[1:]:
-            parts = line.split("\t")
-            if len(parts) >= 5 and parts[0].strip().isdigit():
-                names[int(parts[0])] = parts[4].split(";")[0].strip()
-    return names
-
-
-def class_names(task: Task, root: str | Path, synthetic: bool = False) -> list[str]:
-    """A unique name for every output channel, in the task's class order."""
-    if synthetic:
-        from .synthetic import CLASS_NAMES
-        names = list(CLASS_NAMES)
-    elif task.dataset == "voc":
-        names = list(VOC_CLASS_NAMES)
-    else:
-        names = _ade_names(root)
-    # Results are keyed by class name: a name that repeats (ADE's short names could) gets its class id.
-    repeated = {n for n in names if names.count(n) > 1}
-    names = [f"{n}_{k}" if n in repeated else n for k, n in enumerate(names)]
-    return [names[c] for c in task.order]

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .labels import IGNORE_INDEX
+from utils.ignore import IGNORE_INDEX
 
 __all__ = ["CLASS_NAMES", "CLASS_SPECS", "generate", "ensure_synthetic", "render_sample", "main"]
 

@@ -32,7 +32,7 @@ from typing import ContextManager
 import torch
 import torch.nn.functional as F
 
-from datasets.labels import IGNORE_INDEX
+from utils.ignore import IGNORE_INDEX
 
 __all__ = [
     "old_probabilities",

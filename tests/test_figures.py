@@ -1,4 +1,4 @@
-"""utils.figures: the qualitative figure of a run folder and the same images for tensorboard.
+"""analysis.figures: the qualitative figure of a run folder and the same images for tensorboard.
 
 The run is made once per session through main.py (tiny synthetic data, a ResNet-18 DeepLab with a 16-channel
 head, 2 iterations per step), with a class order in which output channel and class id differ (channel 10 is
@@ -18,11 +18,13 @@ import pytest
 import torch
 from PIL import Image
 
+from analysis.figures import CELL_PX, HEADER_PX, LEGEND_COLUMN_PX, StepCheckpoint, finished_steps, qualitative_grid
+from analysis.report import main as report_main
+from datasets.classes import ade_palette, dataset_palette, voc_palette
+from datasets.qualitative import choose_images
 from datasets.tasks import Task
-from utils.figures import (CELL_PX, HEADER_PX, LEGEND_COLUMN_PX, StepCheckpoint, choose_images, finished_steps,
-                           log_qualitative_to_tensorboard, qualitative_grid)
-from utils.logs import TensorboardWriter, ade_palette, colorize, dataset_palette, voc_palette
-from utils.report import main as report_main
+from trainer.evaluator import log_qualitative_to_tensorboard
+from utils.logs import TensorboardWriter, colorize
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = [[0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 20], [10, 11, 12, 13, 14], [15, 16, 17, 18, 19]]
@@ -69,7 +71,7 @@ def test_palettes_colour_class_ids():
     assert np.array_equal(dataset_palette("voc"), voc_palette()) and tuple(voc_palette()[15]) == (192, 128, 128)
     labels = torch.tensor([[0, 150], [255, 7]])
     assert np.array_equal(colorize(labels, ade).permute(1, 2, 0).numpy(), ade[labels.numpy()])
-    assert np.array_equal(colorize(labels).permute(1, 2, 0).numpy(), voc_palette()[labels.numpy()])
+    assert np.array_equal(colorize(labels, voc_palette()).permute(1, 2, 0).numpy(), voc_palette()[labels.numpy()])
     assert not np.array_equal(ade[1:151], voc_palette()[1:151])
 
 

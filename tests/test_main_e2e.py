@@ -482,7 +482,7 @@ def test_step_zero_never_transfers():
 
 @pytest.mark.parametrize("root_is_the_dataset_folder", [False, True])
 def test_ade_class_names_read_from_object_info_and_made_unique(tmp_path, root_is_the_dataset_folder):
-    from datasets.labels import class_names
+    from datasets.classes import class_names
     from datasets.tasks import get_task
 
     base = tmp_path / "ADEChallengeData2016"

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from utils.metrics import ConfusionMatrix, class_iou, summarize
-from utils.report import comparison_table, format_step_table, main as report_main, write_results
+from analysis.report import comparison_table, main as report_main
+from utils.results import format_step_table
+from utils.run_folder import write_results
 
 
 def test_confusion_matrix_counts_and_ignores():

@@ -1,4 +1,4 @@
-"""utils.report: tables in the papers' format, the CSV, published numbers beside ours, curves, and which
+"""analysis.report: tables in the papers' format, the CSV, published numbers beside ours, curves, and which
 paths count as run folders. Run folders are written here by hand (results.json + config.yaml), with
 numbers chosen so every expected cell can be worked out by reading the test."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from utils.report import (PUBLISHED_FILE, ReportError, collect_runs, load_published, main as report_main,
+from analysis.report import (PUBLISHED_FILE, ReportError, collect_runs, load_published, main as report_main,
                           plot_panels, published_for)
 
 VOC_15_1 = {"dataset": "voc", "task": "15-1"}

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from datasets.class_lists import read_class_lists
-from datasets.labels import IGNORE_INDEX, label_lookup
+from datasets.labels import label_lookup
+from utils.ignore import IGNORE_INDEX
 from datasets.splits import selection_image_ids
 from datasets.tasks import get_task
 from trainer.incremental import step_classes_score

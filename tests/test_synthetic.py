@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from datasets.layout import split_files
-from datasets.labels import IGNORE_INDEX
+from utils.ignore import IGNORE_INDEX
 from datasets.synthetic import CLASS_NAMES, MARKER, ensure_synthetic, generate, render_sample
 
 REPO = Path(__file__).resolve().parents[1]

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -26,6 +27,7 @@ class StepLogger:
     tag: str                 # "step{t}", the prefix of every tag
     log_interval: int
     image_log_interval: int
+    palette: np.ndarray      # the dataset's colours (datasets.classes)
 
     def due(self, iteration: int) -> bool:
         return iteration % self.log_interval == 0 or iteration == 1
@@ -41,7 +43,7 @@ class StepLogger:
         log_images = first_of_epoch if self.image_log_interval <= 0 else iteration % self.image_log_interval == 0
         if log_images:
             self.writer.segmentation_images(f"{self.tag}/train/input_label_prediction", denormalize(images[:1])[0],
-                                            labels[0], output.logits[0].argmax(0), iteration)
+                                            labels[0], output.logits[0].argmax(0), iteration, self.palette)
 
 
 def device_batch(images: torch.Tensor, labels: torch.Tensor, device: torch.device,
@@ -118,3 +120,22 @@ def evaluate(model: nn.Module, loader, num_classes: int, ctx: DistContext, amp: 
         torch.backends.cudnn.benchmark = tuned
     matrix.reduce_from_all_processes()
     return matrix
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Output-channel predictions (H, W) of ``images`` (uint8 (3, H, W), as the datasets give them); images of
+    one size share a batch."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    predictions: list[Optional[torch.Tensor]] = [None] * len(images)
+    by_size: dict[tuple, list[int]] = {}
+    for index, image in enumerate(images):
+        by_size.setdefault(tuple(image.shape), []).append(index)
+    for indices in by_size.values():
+        batch = normalize_on_device(torch.stack([images[i] for i in indices]).to(device))
+        for i, prediction in zip(indices, model(batch).logits.argmax(1).cpu()):
+            predictions[i] = prediction
+    model.train(was_training)
+    return predictions

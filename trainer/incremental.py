@@ -20,7 +20,7 @@ from torch import nn
 
 from datasets.class_lists import load_class_lists
 from datasets.incremental import IncrementalSegmentation, selection_dataset, train_dataset, val_dataset
-from datasets.labels import class_names
+from datasets.classes import class_names, dataset_palette
 from datasets.preflight import preflight
 from datasets.tasks import get_task
 from datasets.transforms import eval_transforms_for, train_transforms
@@ -31,13 +31,13 @@ from utils.config import Config, ConfigError, batch_per_process, config_to_dict
 from utils.distributed import (DistContext, StopRequest, all_gather_object, barrier, random_state, run_on_main,
                                set_random_state)
 from utils.errors import RunInterrupted
-from utils.figures import log_qualitative_to_tensorboard, write_qualitative_figure
 from utils.logs import TensorboardWriter, get_logger
 from utils.metrics import ConfusionMatrix, class_iou, summarize
-from utils.report import format_step_table, write_results
-from utils.run_folder import prepare_run_folder
+from utils.results import format_step_table
+from utils.run_folder import prepare_run_folder, write_results
 
 from .engine import StepLogger, evaluate, train
+from .evaluator import log_qualitative_to_tensorboard
 from .loaders import eval_loader, train_loader
 from .methods import IncrementalMethod, build_method, resolve_switches
 from .step import StepRun, plan_step, step_models, validation_due
@@ -125,10 +125,6 @@ class IncrementalTrainer:
                                              f"({ckpt.step_checkpoint(self.run_dir, step)})", self.stop.signum)
             if self.ctx.is_main:
                 self.log.info("results (%s):\n%s", self.run_dir / "results.md", format_step_table(results))
-                if self.cfg.train.qualitative_figure:
-                    write_qualitative_figure(self.run_dir, self.cfg.train.qualitative_figure,
-                                             self.cfg.train.qualitative_images or 4, self.ctx.device)
-                    self.log.info("qualitative figure: %s", self.cfg.train.qualitative_figure)
         finally:  # flush what was logged, also when a step fails
             self.writer.close()
         return results
@@ -255,7 +251,8 @@ class IncrementalTrainer:
         batches = train_loader(train_set, batch, self.ctx, cfg.seed * 1000 + run.step, plan.iterations_per_epoch,
                                plan.total_iterations, cfg.data.num_workers, start_iteration=run.state.iteration,
                                prefetch_factor=cfg.data.prefetch_factor)
-        logger = StepLogger(self.writer, f"step{run.step}", train_cfg.log_interval, train_cfg.image_log_interval)
+        logger = StepLogger(self.writer, f"step{run.step}", train_cfg.log_interval, train_cfg.image_log_interval,
+                            dataset_palette(cfg.data.dataset))
         train(run, batches, logger, after_iteration)
         self.log.info("step %d: trained %d iterations in %.1f s", run.step, run.state.iteration,
                       time.time() - started)

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import losses
-from datasets.labels import IGNORE_INDEX
+from utils.ignore import IGNORE_INDEX
 from models.base import IncrementalSegmenter, SegmentationOutput
 
 PRESETS = {

@@ -4,6 +4,7 @@ interrupted write left is removed, and the resolved config is saved."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,8 @@ import yaml
 
 from utils.config import Config, ConfigError, config_from_dict, save_config
 from utils.errors import UserError
-from utils.files import TEMPORARY_PATTERN, temporary_sibling
+from utils.files import TEMPORARY_PATTERN, atomic_write_text, temporary_sibling
+from utils.results import results_markdown
 
 
 class RunFolderError(UserError):
@@ -132,3 +134,11 @@ def prepare_run_folder(run_dir: Path, cfg: Config, resume: bool, log: logging.Lo
         log.info("removing %s (left by an interrupted write)", stale)
         stale.unlink()
     save_config(cfg, run_dir / "config.yaml")
+
+
+def write_results(run_dir: Path, results: list[dict], meta: dict) -> None:
+    """Write results.json and results.md (atomically: a reader never sees half a file)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "results.json", json.dumps({"meta": meta, "steps": results}, indent=1) + "\n")
+    atomic_write_text(run_dir / "results.md", results_markdown(meta.get("name", run_dir.name), results, meta))

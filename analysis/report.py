@@ -7,13 +7,13 @@ A run folder gets, after every finished step::
 
 Compare runs (their last finished step)::
 
-    python -m utils.report runs/* --out runs/summary.md --plot runs/summary.png --published
+    python -m analysis.report runs/* --out runs/summary.md --plot runs/summary.png --published
 
 ``--out x.md`` writes the Markdown tables to x.md and one line per run to x.csv;
 ``--plot`` draws mIoU after every step; ``--published`` sets the published numbers of
 ``benchmarks/published.yaml`` beside every run whose protocol they share;
 ``--qualitative N`` draws N validation images with the prediction after every step
-(:mod:`utils.figures`).
+(:mod:`analysis.figures`).
 
 Tables follow the papers: one table per protocol, one row per method / model /
 checkpoint policy, one column group per setting. A protocol is everything the numbers
@@ -39,71 +39,11 @@ import yaml
 from utils.config import MethodConfig
 from utils.errors import UserError
 from utils.files import atomic_write_text
+from utils.results import MEAN_COLUMNS, METRIC_NOTE, REFERENCE_COLUMN, markdown_table, mean_columns, percent
 
-MEAN_COLUMNS = (("miou_old", "old"), ("miou_new", "new"), ("miou_all", "all"), ("miou_old_no_bg", "old w/o bg"))
-REFERENCE_COLUMN = ("miou_all_reference", "all (ref. metric)")
 # The method switches that default to the method's preset (null); one set explicitly makes an ablation.
 _METHOD_SWITCHES = frozenset(f.name for f in fields(MethodConfig) if f.default is None)
 PUBLISHED_FILE = Path(__file__).resolve().parents[1] / "benchmarks" / "published.yaml"
-METRIC_NOTE = ("mIoU (%) on the whole validation set. Standard metric (the headline): old = classes of step 0 "
-               "(background included for VOC), new = classes of steps 1..t, all = every evaluated class; a class "
-               "with IoU 0 counts as 0. Reference convention, to set beside published MBS tables: old w/o bg = old "
-               "without background; all (ref. metric) = mean IoU over the classes whose IoU is non-zero (the MBS "
-               "authors' evaluation code drops zero-IoU classes).")
-
-
-def percent(value: Optional[float]) -> str:
-    return "-" if value is None else f"{100 * value:.2f}"
-
-
-def _classes(names: list[str]) -> str:
-    return ", ".join(names) if len(names) <= 4 else f"{names[0]} ... {names[-1]} ({len(names)})"
-
-
-def mean_columns(steps: list[dict]) -> tuple[tuple[str, str], ...]:
-    """The standard means, plus the reference metric's column when a step has it (older results do not)."""
-    has_reference = any(REFERENCE_COLUMN[0] in step for step in steps)
-    return MEAN_COLUMNS + ((REFERENCE_COLUMN,) if has_reference else ())
-
-
-def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def format_step_table(results: list[dict]) -> str:
-    """Markdown: one row per step with the old / new / all means (mIoU in %)."""
-    columns = mean_columns(results)
-    rows = [[str(r["step"]), _classes(r.get("step_classes", [])), *(percent(r.get(key)) for key, _ in columns),
-             str(r.get("checkpoint", "-"))] for r in results]
-    return _markdown_table(["step", "classes learned", *(label for _, label in columns), "checkpoint"], rows)
-
-
-def format_class_table(results: list[dict]) -> str:
-    """Markdown: IoU (%) of every class (rows) after every step (columns)."""
-    names: list[str] = []
-    for r in results:
-        names += [n for n in r["iou"] if n not in names]
-    rows = [[name, *(percent(r["iou"].get(name)) for r in results)] for name in names]
-    return _markdown_table(["class", *(f"step {r['step']}" for r in results)], rows)
-
-
-def describe_protocol(meta: dict) -> str:
-    keys = ("dataset", "task", "setting", "method", "architecture", "checkpoint_policy", "eval_mode", "crop_size",
-            "processes")
-    return "; ".join(f"{key}: {meta[key]}" for key in keys if key in meta)
-
-
-def write_results(run_dir: Path, results: list[dict], meta: dict) -> None:
-    """Write results.json and results.md (atomically: a reader never sees half a file)."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "results.json", json.dumps({"meta": meta, "steps": results}, indent=1) + "\n")
-    text = (f"# {meta.get('name', run_dir.name)}\n\n{describe_protocol(meta)}\n\n"
-            f"{METRIC_NOTE} Numbers after each step:\n\n{format_step_table(results)}\n\n"
-            f"## IoU per class (%)\n\n{format_class_table(results)}\n")
-    atomic_write_text(run_dir / "results.md", text)
 
 
 class ReportError(UserError, ValueError):
@@ -250,7 +190,7 @@ def comparison_table(runs: list[dict]) -> str:
                      *(str(meta.get(key, "?")) for key in ("setting", "method", "architecture", "checkpoint_policy",
                                                            "eval_mode")),
                      str(last["step"] + 1), *(percent(last.get(key)) for key, _ in columns)])
-    return _markdown_table(header, rows)
+    return markdown_table(header, rows)
 
 
 def _group(runs: list[Run], key) -> dict:
@@ -278,7 +218,7 @@ def task_table(runs: list[Run]) -> str:
     for key, cells in rows:
         numbers = [percent(cells[s].last.get(k)) if s in cells else "" for s in settings for k, _ in columns]
         lines.append([*key, *numbers, ", ".join(cells[s].label for s in settings if s in cells)])
-    return _markdown_table(header, lines)
+    return markdown_table(header, lines)
 
 
 def papers_tables(runs: list[Run]) -> str:
@@ -431,7 +371,7 @@ def published_table(runs: list[Run], published: list[PublishedResult]) -> str:
     sources = {p.source.key: p.source for p in published}
     how = "\n".join(f"- {s.paper}: old = {s.old_metric}; new = {s.new_metric}; all = {s.all_metric}."
                     for s in sources.values())
-    return (f"{_markdown_table(header, rows)}\n\nHow each number is computed (mIoU %, after the last step). "
+    return (f"{markdown_table(header, rows)}\n\nHow each number is computed (mIoU %, after the last step). "
             "Ours, in the published convention: old w/o bg = mean IoU of the step-0 classes without background "
             "(`miou_old_no_bg`; zeros counted), new = mean IoU of the later classes (`miou_new`; zeros counted), "
             "all (ref. metric) = mean IoU over the classes whose IoU is non-zero, background included "
@@ -503,7 +443,7 @@ def summary_markdown(collected: Collected, published: Optional[list[PublishedRes
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m utils.report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m analysis.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dirs", nargs="+", type=Path,
                         help="run folders holding results.json (other paths, e.g. an earlier summary, are skipped)")
     parser.add_argument("--out", type=Path,
@@ -515,7 +455,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                              f"(default file: {PUBLISHED_FILE.relative_to(PUBLISHED_FILE.parents[1])})")
     parser.add_argument("--qualitative", type=int, metavar="N",
                         help="draw N validation images with the prediction after every step, per run "
-                             "(utils.figures; written to RUN/qualitative.png unless --qualitative-out)")
+                             "(analysis.figures; written to RUN/qualitative.png unless --qualitative-out)")
     parser.add_argument("--qualitative-out", type=Path, help="where the qualitative figure goes (one run only)")
     parser.add_argument("--device", default="auto", help="device for --qualitative: auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--data-root", help="the dataset root for --qualitative, if not the run's data.root")
@@ -550,7 +490,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def qualitative(runs: list[Run], args: argparse.Namespace) -> int:
-    from utils.figures import write_qualitative_figure
+    from analysis.figures import write_qualitative_figure
     if args.qualitative_out and len(runs) > 1:
         print("error: --qualitative-out names one figure; give one run folder, or leave it out", file=sys.stderr)
         return 2

@@ -1,13 +1,13 @@
 """Qualitative figures: validation images, their ground truth and the prediction after every step.
 
-    python -m utils.report runs/demo --qualitative 4      # -> runs/demo/qualitative.png
+    python -m analysis.report runs/demo --qualitative 4      # -> runs/demo/qualitative.png
 
 Everything comes from the run folder: each finished step's checkpoint holds the weights, the
 resolved config and the task, so the model of step t is rebuilt for the classes of steps 0..t and
 its prediction drawn beside the others. The images are chosen deterministically from the
 validation class lists (greedily, to show classes of as many steps as possible, so old and new
 classes both appear); the same images go to tensorboard after every step's test
-(:func:`log_qualitative_to_tensorboard`). Colours are those of the dataset's class ids (VOC's
+(``trainer.evaluator``; the choice is :mod:`datasets.qualitative`). Colours are those of the dataset's class ids (VOC's
 standard map; a fixed map for ADE20K), so a class keeps its colour in every step and run; white is
 ignored (255).
 """
@@ -21,16 +21,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from datasets.class_lists import ClassLists, load_class_lists
-from datasets.incremental import IncrementalSegmentation, val_dataset
-from datasets.labels import IGNORE_INDEX, class_names
-from datasets.tasks import UNEVALUATED_LABELS, Task
-from datasets.transforms import eval_transforms_for, normalize_on_device
+from datasets.classes import class_names, dataset_palette
+from datasets.qualitative import chosen_samples, class_ids
+from datasets.tasks import Task
 from models import build_model
+from trainer.engine import predict
 from utils import checkpoint as ckpt
 from utils.config import Config, config_from_dict
 from utils.errors import UserError
-from utils.logs import TensorboardWriter, colorize, dataset_palette
+from utils.logs import colorize
 
 # Layout of the figure in pixels (at DPI): one square cell per panel, a header row, a legend on the right.
 CELL_PX, HEADER_PX, LEGEND_COLUMN_PX, LEGEND_ROW_PX, DPI = 160, 40, 200, 18, 100
@@ -40,72 +39,7 @@ class FigureError(UserError):
     """A run folder has no finished step to draw, or no validation image to draw."""
 
 
-# ------------------------------------------------------------------ which images
-def choose_images(task: Task, lists: ClassLists, ids: list[str], num_images: int) -> list[str]:
-    """``num_images`` validation ids, chosen greedily and deterministically: each pick shows classes of the
-    most steps not shown yet, then the most classes not shown yet; ties go to the earlier id in ``ids``.
-    So the first picks show old (step 0) and new classes together where the data allows."""
-    step_of = {c: t for t, step in enumerate(task.steps) for c in step
-               if c != 0 and c not in UNEVALUATED_LABELS[task.dataset]}
-    shown = {i: frozenset(c for c in lists.get(i, ()) if c in step_of) for i in ids}
-    candidates = [i for i in ids if shown[i]]
-    chosen: list[str] = []
-    steps_seen: set[int] = set()
-    classes_seen: set[int] = set()
-    position = {i: n for n, i in enumerate(ids)}
-    for _ in range(min(num_images, len(candidates))):
-        best = max((i for i in candidates if i not in chosen),
-                   key=lambda i: (len({step_of[c] for c in shown[i]} - steps_seen), len(shown[i] - classes_seen),
-                                  -position[i]))
-        chosen.append(best)
-        steps_seen |= {step_of[c] for c in shown[best]}
-        classes_seen |= shown[best]
-    return chosen
-
-
-def figure_dataset(cfg: Config, task: Task) -> IncrementalSegmentation:
-    """The validation set with the run's evaluation transforms and the labels of every class of the task
-    (the last step's label table), so the ground truth shows the classes later steps learn too."""
-    data = cfg.data
-    return val_dataset(task, task.num_steps - 1, data.root, eval_transforms_for(data), cache_dir=data.cache_dir,
-                       progress=False, skip_bad_files=data.skip_bad_files)
-
-
-def chosen_samples(cfg: Config, task: Task, num_images: int) -> tuple[IncrementalSegmentation, list[int]]:
-    dataset = figure_dataset(cfg, task)
-    _, lists = load_class_lists(task.dataset, cfg.data.root, "val", None, cfg.data.cache_dir, progress=False,
-                                skip_bad_files=cfg.data.skip_bad_files)
-    ids = choose_images(task, lists, dataset.ids, num_images)
-    return dataset, [dataset.ids.index(i) for i in ids]
-
-
 # ------------------------------------------------------------------ predictions
-@torch.no_grad()
-def predict(model: nn.Module, images: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Output-channel predictions (H, W) of ``images`` (uint8 (3, H, W), as the datasets give them); images of
-    one size share a batch."""
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    predictions: list[Optional[torch.Tensor]] = [None] * len(images)
-    by_size: dict[tuple, list[int]] = {}
-    for index, image in enumerate(images):
-        by_size.setdefault(tuple(image.shape), []).append(index)
-    for indices in by_size.values():
-        batch = normalize_on_device(torch.stack([images[i] for i in indices]).to(device))
-        for i, prediction in zip(indices, model(batch).logits.argmax(1).cpu()):
-            predictions[i] = prediction
-    model.train(was_training)
-    return predictions
-
-
-def class_ids(labels: torch.Tensor, task: Task) -> torch.Tensor:
-    """Output channels -> dataset class ids (the palette's index); 255 stays 255."""
-    table = torch.full((256,), IGNORE_INDEX, dtype=torch.long)
-    table[: len(task.order)] = torch.tensor(task.order)
-    return table[labels.long().clamp(0, 255)]
-
-
 # ------------------------------------------------------------------ run folder
 def finished_steps(run_dir: Path) -> list[tuple[int, Path]]:
     """(step, checkpoint) of every finished step of the run, in step order."""
@@ -252,20 +186,3 @@ def write_qualitative_figure(run_dir: Path, out_path: Path, num_images: int = 4,
     step to ``out_path`` (PNG, SVG, PDF by its suffix). ``data_root`` overrides the run's data.root (a relative
     root is read from the current folder)."""
     return draw(qualitative_grid(run_dir, num_images, device, data_root), out_path)
-
-
-def log_qualitative_to_tensorboard(writer: TensorboardWriter, model: nn.Module, cfg: Config, task: Task, step: int,
-                                   num_images: int) -> None:
-    """After step ``step``'s test: the figure's images, their ground truth (every class of the task) and
-    ``model``'s prediction, one tensorboard image per validation image (tag ``qualitative/<id>``, global step =
-    the task step, so the slider walks through the steps). Does nothing where the writer is disabled (other
-    ranks, --eval-only); draws no random number, so an exact resume stays exact."""
-    if not writer.enabled:
-        return
-    dataset, indices = chosen_samples(cfg, task, num_images)
-    samples = [dataset[i] for i in indices]
-    predictions = predict(model, [image for image, _ in samples])
-    palette = dataset_palette(task.dataset)
-    for index, (image, label), prediction in zip(indices, samples, predictions):
-        writer.segmentation_images(f"qualitative/{dataset.ids[index]}", image.float() / 255,
-                                   class_ids(label, task), class_ids(prediction, task), step, palette)
