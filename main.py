@@ -13,7 +13,7 @@ import sys
 
 from utils.config import ConfigError, load_config
 from utils.errors import RunInterrupted, UserError, one_line
-from utils.run_folder import RunFolderError, check_output_folder
+from utils.run_folder import RunFolder, RunFolderError
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.opt)
         if not args.eval_only:
-            check_output_folder(cfg.run_dir)  # before a log file is opened there or any data is read
+            RunFolder(cfg.run_dir).check_writable()  # before a log file is opened there or any data is read
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
@@ -51,11 +51,11 @@ def main(argv=None) -> int:
     ctx = init_distributed(cfg.device, args.local_rank)
     failed = True  # every way out, error or not, tears the process group down through cleanup()
     try:
-        log = setup_logger(None if args.eval_only else cfg.run_dir, ctx.is_main)
+        log = setup_logger(None if args.eval_only else RunFolder(cfg.run_dir).log_file, ctx.is_main)
         try:
             trainer = IncrementalTrainer(cfg, ctx, resume=args.resume)
             if args.eval_only:
-                from utils.report import format_step_table
+                from utils.results import format_step_table
                 step = trainer.end_step if args.step is None else args.step
                 summary = trainer.evaluate_checkpoint(step)
                 if ctx.is_main:

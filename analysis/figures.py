@@ -30,6 +30,7 @@ from utils import checkpoint as ckpt
 from utils.config import Config, config_from_dict
 from utils.errors import UserError
 from utils.logs import colorize
+from utils.run_folder import RunFolder
 
 # Layout of the figure in pixels (at DPI): one square cell per panel, a header row, a legend on the right.
 CELL_PX, HEADER_PX, LEGEND_COLUMN_PX, LEGEND_ROW_PX, DPI = 160, 40, 200, 18, 100
@@ -43,14 +44,11 @@ class FigureError(UserError):
 # ------------------------------------------------------------------ run folder
 def finished_steps(run_dir: Path) -> list[tuple[int, Path]]:
     """(step, checkpoint) of every finished step of the run, in step order."""
-    found = []
-    for path in Path(run_dir).glob("checkpoints/step*.pt"):
-        suffix = path.stem[len("step"):]
-        if suffix.isdigit():  # not step{t}_partial.pt / step{t}_best.pt
-            found.append((int(suffix), path))
+    folder = RunFolder(run_dir)
+    found = [(step, folder.finished_checkpoint(step)) for step in folder.finished_steps()]
     if not found:
-        raise FigureError(f"{run_dir} has no finished step (no checkpoints/step<t>.pt) to draw")
-    return sorted(found)
+        raise FigureError(f"{run_dir} has no finished step (no {folder.finished_checkpoint(0).name}, ...) to draw")
+    return found
 
 
 @dataclass

@@ -39,6 +39,7 @@ import yaml
 from utils.config import MethodConfig
 from utils.errors import UserError
 from utils.files import atomic_write_text
+from utils.run_folder import RunFolder, RunFolderError
 from utils.results import MEAN_COLUMNS, METRIC_NOTE, REFERENCE_COLUMN, markdown_table, mean_columns, percent
 
 # The method switches that default to the method's preset (null); one set explicitly makes an ablation.
@@ -47,20 +48,7 @@ PUBLISHED_FILE = Path(__file__).resolve().parents[1] / "benchmarks" / "published
 
 
 class ReportError(UserError, ValueError):
-    """A run folder holds no readable results, or the published-numbers file is malformed."""
-
-
-def read_results(run_dir: Path) -> dict:
-    path = Path(run_dir) / "results.json"
-    if not path.is_file():
-        raise ReportError(f"{path} does not exist (has the run finished a step?)")
-    try:
-        content = json.loads(path.read_text())
-    except ValueError as err:
-        raise ReportError(f"{path} is not valid JSON: {err}") from None
-    if not isinstance(content, dict) or not content.get("steps"):
-        raise ReportError(f"{path} holds no step results")
-    return content
+    """The published-numbers file is malformed."""
 
 
 # ------------------------------------------------------------------ run folders
@@ -135,11 +123,6 @@ class Collected:
     skipped: list[str]        # paths that are not run folders: a note on stderr only
 
 
-def is_run_folder(path: Path) -> bool:
-    """What a run leaves from its start on: the saved config, then checkpoints, then results."""
-    return path.is_dir() and any((path / name).exists() for name in ("results.json", "checkpoints", "config.yaml"))
-
-
 def collect_runs(paths: list[Path]) -> Collected:
     """Read every run folder among ``paths``.
 
@@ -150,27 +133,23 @@ def collect_runs(paths: list[Path]) -> Collected:
     """
     collected = Collected([], [], [])
     for path in map(Path, paths):
+        folder = RunFolder(path)
         if not path.exists():
-            collected.not_reported.append(f"{path}: no such folder ({path / 'results.json'} does not exist; "
+            collected.not_reported.append(f"{path}: no such folder ({folder.results_json} does not exist; "
                                           "has the run started?)")
-        elif not is_run_folder(path):
-            kind = "a folder without results.json, checkpoints/ or config.yaml" if path.is_dir() else "a file"
+        elif not folder.looks_like_a_run():
+            kind = (f"a folder without {folder.results_json.name}, {folder.checkpoint_dir.name}/ or "
+                    f"{folder.config_file.name}" if path.is_dir() else "a file")
             collected.skipped.append(f"{path} is not a run folder ({kind}): skipped")
-        elif not (path / "results.json").exists():
-            collected.not_reported.append(f"{path}: started, no finished step yet (no results.json)")
+        elif not folder.results_json.exists():
+            collected.not_reported.append(f"{path}: started, no finished step yet (no {folder.results_json.name})")
         else:
             try:
-                content = read_results(path)
-            except ReportError as err:
+                content, config = folder.read_results(), folder.read_config_dict()
+            except RunFolderError as err:
                 collected.not_reported.append(str(err))
                 continue
-            config_file = path / "config.yaml"
-            try:
-                config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
-            except yaml.YAMLError as err:
-                collected.not_reported.append(f"{config_file} is not valid YAML: {err}")
-                continue
-            collected.runs.append(Run(path, content.get("meta", {}), content["steps"], config or {}))
+            collected.runs.append(Run(path, content.get("meta", {}), content["steps"], config))
     names = [run.name for run in collected.runs]
     for run in collected.runs:
         run.label = run.name if names.count(run.name) == 1 else str(run.path)
@@ -495,7 +474,7 @@ def qualitative(runs: list[Run], args: argparse.Namespace) -> int:
         print("error: --qualitative-out names one figure; give one run folder, or leave it out", file=sys.stderr)
         return 2
     for run in runs:
-        out = args.qualitative_out or run.path / "qualitative.png"
+        out = args.qualitative_out or RunFolder(run.path).qualitative_figure
         try:
             write_qualitative_figure(run.path, out, args.qualitative, args.device, data_root=args.data_root)
         except UserError as err:

@@ -296,13 +296,13 @@ def test_resume_with_another_experiment_is_refused(tmp_path, capsys, override, k
 
 def test_resume_with_another_harmless_key_only_warns(tmp_path, caplog):
     from utils.config import load_config
-    from utils.run_folder import prepare_run_folder
+    from utils.run_folder import RunFolder
     from tests.test_main_e2e import ROOT
     run_dir = fake_finished_run(tmp_path / "runs", tmp_path / "data")
     changed = options(tmp_path / "data", tmp_path / "runs") + ["data.num_workers=3", "train.log_interval=7"]
     cfg = load_config(ROOT / "configs" / "demo.yaml", changed)
     with caplog.at_level(logging.WARNING, logger="test"):
-        prepare_run_folder(run_dir, cfg, resume=True, log=logging.getLogger("test"))
+        RunFolder(run_dir).prepare(cfg, resume=True, log=logging.getLogger("test"))
     warning = " ".join(record.getMessage() for record in caplog.records)
     assert "do not change results" in warning and "data.num_workers: 0 -> 3" in warning
     assert "train.log_interval: 1 -> 7" in warning
@@ -341,14 +341,14 @@ def test_run_folder_that_is_a_file_is_refused(tmp_path, capsys):
 
 
 def test_unwritable_run_folder_is_refused(tmp_path, monkeypatch):
-    from utils.run_folder import RunFolderError, check_output_folder
+    from utils.run_folder import RunFolder, RunFolderError
 
     def read_only(self, data):  # as on a read-only mount (root ignores file modes, so they cannot show it)
         raise PermissionError(errno.EACCES, "Permission denied", str(self))
 
     monkeypatch.setattr(Path, "write_bytes", read_only)
     with pytest.raises(RunFolderError, match=f"run folder {tmp_path / 'run'} .* is not writable: Permission denied"):
-        check_output_folder(tmp_path / "run")
+        RunFolder(tmp_path / "run").check_writable()
 
 
 # ------------------------------------------------------------------ datasets.splits command line

@@ -638,15 +638,16 @@ def test_auto_reuse_skips_other_recipes(finished_run, data_root, runs_dir):
     from datasets.tasks import get_task
     from trainer.step0_reuse import find_reusable_step0
     from utils.config import load_config
+    from utils.run_folder import RunFolder
     base = run_options(data_root, runs_dir, "probe") + ["train.step0_checkpoint=auto"]
     task = get_task("voc", "probe", [list(range(15)), list(range(15, 21))])
     same = load_config(ROOT / "configs/demo.yaml", base)
-    assert find_reusable_step0(same, task, runs_dir / "probe") == finished_run[0] / "checkpoints" / "step0.pt"
+    assert find_reusable_step0(same, task, RunFolder(runs_dir / "probe")) == finished_run[0] / "checkpoints" / "step0.pt"
     for change in ("seed=1", "data.setting=disjoint", "model.head_channels=8", "train.epochs=2"):
         other = load_config(ROOT / "configs/demo.yaml", base + [change])
-        assert find_reusable_step0(other, task, runs_dir / "probe") is None, change
+        assert find_reusable_step0(other, task, RunFolder(runs_dir / "probe")) is None, change
     other_classes = get_task("voc", "probe", [list(range(14)), list(range(14, 21))])
-    assert find_reusable_step0(same, other_classes, runs_dir / "probe") is None
+    assert find_reusable_step0(same, other_classes, RunFolder(runs_dir / "probe")) is None
 
 
 def test_deeplab_refuses_one_image_per_process(tmp_path):

@@ -7,7 +7,7 @@ import torch
 from utils.metrics import ConfusionMatrix, class_iou, summarize
 from analysis.report import comparison_table, main as report_main
 from utils.results import format_step_table
-from utils.run_folder import write_results
+from utils.run_folder import RunFolder
 
 
 def test_confusion_matrix_counts_and_ignores():
@@ -110,7 +110,7 @@ def test_results_files_and_comparison(tmp_path, capsys):
     results = [_step(0, 0.8, None, 0.8, ["background", "a"]), _step(1, 0.6, 0.25, 0.5, ["b"])]
     meta = {"name": "r1", "dataset": "voc", "task": "1-1", "setting": "overlapped", "method": "mbs",
             "checkpoint_policy": "last", "eval_mode": "center_crop"}
-    write_results(tmp_path / "r1", results, meta)
+    RunFolder(tmp_path / "r1").write_results(results, meta)
     saved = json.loads((tmp_path / "r1" / "results.json").read_text())
     assert saved["meta"] == meta and saved["steps"] == results
     table = format_step_table(results)

@@ -8,7 +8,7 @@ from datasets.labels import label_lookup
 from utils.ignore import IGNORE_INDEX
 from datasets.splits import selection_image_ids
 from datasets.tasks import get_task
-from trainer.incremental import step_classes_score
+from trainer.evaluator import step_classes_score
 from trainer.step import StepPlan, TrainState, reference_validation_interval, validation_due
 from utils.metrics import ConfusionMatrix
 

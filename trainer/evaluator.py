@@ -1,15 +1,92 @@
-"""Evaluation around a step: validation during it and the test after it."""
+"""Evaluation around a step: validation during it (a score to pick the step's weights by) and the test after it
+(the spec's numbers). Neither writes a file: keeping the best weights is the trainer's business."""
 from __future__ import annotations
 
+import numpy as np
 from torch import nn
 
-from datasets.classes import dataset_palette
+from datasets.classes import class_names, dataset_palette
+from datasets.incremental import selection_dataset, val_dataset
 from datasets.qualitative import chosen_samples, class_ids
 from datasets.tasks import Task
+from datasets.transforms import eval_transforms_for
 from utils.config import Config
-from utils.logs import TensorboardWriter
+from utils.distributed import DistContext
+from utils.logs import TensorboardWriter, get_logger
+from utils.metrics import ConfusionMatrix, class_iou, summarize
 
-from .engine import predict
+from .engine import evaluate, predict
+from .loaders import eval_loader
+from .step import StepRun
+
+
+def step_classes_score(matrix: ConfusionMatrix, channels: list[int]) -> float:
+    """The reference's selection score: the mean IoU of ``channels`` (a class neither present nor predicted
+    counts 0, as in its metric)."""
+    ious = class_iou(matrix.matrix)
+    return float(np.mean([ious[k] or 0.0 for k in channels]))
+
+
+class StepEvaluator:
+    """The selection loader and the test loader of a task's steps, and what is done with their results."""
+
+    def __init__(self, cfg: Config, task: Task, ctx: DistContext, writer: TensorboardWriter):
+        self.cfg, self.task, self.ctx, self.writer = cfg, task, ctx, writer
+        self.names = class_names(task, cfg.data.root, cfg.data.synthetic.enabled)
+        self.log = get_logger()
+        self._selection: tuple[int, object] | None = None  # (step, loader): built once per step, iterated often
+
+    def loader(self, make_dataset, step: int, reused: bool = False):
+        data = self.cfg.data
+        dataset = make_dataset(self.task, step, data.root, eval_transforms_for(data), cache_dir=data.cache_dir,
+                               progress=self.ctx.is_main, skip_bad_files=data.skip_bad_files)
+        batch = 1 if data.eval_mode == "full" else self.cfg.train.val_batch_size
+        return eval_loader(dataset, batch, self.ctx, data.num_workers, data.prefetch_factor, reused)
+
+    def selection_loader(self, step: int):
+        """Validation during a step, as the reference selects its "best" weights: the val images showing a
+        class of the step, every other class labelled background (datasets.incremental.selection_dataset)."""
+        if self._selection is None or self._selection[0] != step:
+            self._selection = (step, self.loader(selection_dataset, step, reused=True))
+        return self._selection[1]
+
+    def confusion(self, model: nn.Module, loader, step: int, what: str) -> ConfusionMatrix:
+        return evaluate(model, loader, self.task.num_channels(step), self.ctx, self.cfg.train.amp,
+                        f"step{step} {what}", fixed_size=self.cfg.data.eval_mode != "full")
+
+    def validate(self, run: StepRun) -> float:
+        """Score the weights as the reference does (its labels, the mean IoU of the step's channels); log it."""
+        step, iteration = run.step, run.state.iteration
+        matrix = self.confusion(run.model, self.selection_loader(step), step, "val")
+        score = step_classes_score(matrix, self.task.channels_of_step(step))
+        self.writer.scalars({"val/miou_step_classes": score}, iteration, prefix=f"step{step}/")
+        self.log.info("step %d iteration %d: val mIoU of the step's classes %.4f", step, iteration, score)
+        run.train_model.train()
+        return score
+
+    def summary(self, matrix: ConfusionMatrix, step: int) -> dict:
+        evaluated = self.task.evaluated_channels(step)
+        first_new = self.task.num_channels(0)
+        summary = summarize(matrix.matrix, [k for k in evaluated if k < first_new],
+                            [k for k in evaluated if k >= first_new], self.names[: self.task.num_channels(step)])
+        summary["step"] = step
+        summary["step_classes"] = [self.names[k] for k in self.task.channels_of_step(step)]
+        return summary
+
+    def test(self, model: nn.Module, step: int) -> dict:
+        """The spec's evaluation at step t: the whole validation set, classes seen so far; logged, with
+        tensorboard scalars and the qualitative images."""
+        summary = self.summary(self.confusion(model, self.loader(val_dataset, step), step, "test"), step)
+        fmt = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
+        self.log.info("step %d test: mIoU old %s | new %s | all %s (old without background %s)", step,
+                      fmt(summary["miou_old"]), fmt(summary["miou_new"]), fmt(summary["miou_all"]),
+                      fmt(summary["miou_old_no_bg"]))
+        self.writer.scalars({k: summary[k] for k in ("miou_old", "miou_new", "miou_all", "miou_old_no_bg")},
+                            step, prefix="test/")
+        if self.cfg.train.qualitative_images > 0:
+            log_qualitative_to_tensorboard(self.writer, model, self.cfg, self.task, step,
+                                           self.cfg.train.qualitative_images)
+        return summary
 
 
 def log_qualitative_to_tensorboard(writer: TensorboardWriter, model: nn.Module, cfg: Config, task: Task, step: int,

@@ -21,7 +21,7 @@ from datasets.tasks import Task
 from models import build_model
 from models.base import IncrementalSegmenter
 from utils.checkpoint import CheckpointError, load_model_weights
-from utils.distributed import DistContext
+from utils.distributed import DistContext, all_gather_object, random_state, set_random_state
 from utils.logs import get_logger
 
 from .loaders import iterations_per_epoch
@@ -208,6 +208,22 @@ class StepRun:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "train_state": dataclasses.asdict(self.state)}
+
+    def in_step_checkpoint(self) -> dict:
+        """:meth:`state_dict` plus every rank's generator state (dropout draws), so a resumed step continues
+        bit for bit. A collective: every rank calls it."""
+        return {**self.state_dict(), "random_states": all_gather_object(random_state(self.ctx.device))}
+
+    def resume(self, saved: dict, source: str) -> None:
+        """Continue from an in-step checkpoint (:meth:`in_step_checkpoint`)."""
+        self.load_state_dict(saved, source)
+        random_states = saved.get("random_states") or []
+        if len(random_states) == self.ctx.world_size:
+            set_random_state(random_states[self.ctx.rank], self.ctx.device)
+        else:
+            get_logger().warning("%s holds the random state of %d processes, this run has %d: the rest of the "
+                                 "step draws other dropout masks than an uninterrupted run would", source,
+                                 len(random_states), self.ctx.world_size)
 
     def load_state_dict(self, saved: dict, source: str = "the in-step checkpoint") -> None:
         missing = [key for key in ("model", "optimizer", "scheduler", "scaler", "train_state") if key not in saved]

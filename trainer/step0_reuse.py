@@ -20,6 +20,7 @@ import torch
 from datasets.tasks import Task
 from utils.checkpoint import CheckpointError
 from utils.config import Config
+from utils.run_folder import RunFolder
 
 # The keys of each config section that shape step 0's weights or its test. Left out on purpose: the method
 # (step 0 is cross-entropy alone), incremental-step keys, workers, intervals, device, names and paths.
@@ -74,7 +75,7 @@ def _saved_recipe(path: Path) -> Optional[dict]:
     return saved.get("step0_recipe")
 
 
-def find_reusable_step0(cfg: Config, task: Task, run_dir: Path) -> Optional[Path]:
+def find_reusable_step0(cfg: Config, task: Task, folder: RunFolder) -> Optional[Path]:
     """The finished step 0 this run may reuse, or None (then it trains its own).
 
     A path in ``train.step0_checkpoint`` must hold the same recipe, else the run is refused with the keys
@@ -96,8 +97,19 @@ def find_reusable_step0(cfg: Config, task: Task, run_dir: Path) -> Optional[Path
             raise Step0ReuseError(f"train.step0_checkpoint: {setting!r} was trained with another step-0 recipe: "
                                   + "; ".join(recipe_differences(mine, theirs)))
         return path
-    own = (run_dir / "checkpoints" / "step0.pt").resolve()
-    for candidate in sorted(Path(cfg.output_dir).glob("*/checkpoints/step0.pt")):
-        if candidate.resolve() != own and _saved_recipe(candidate) == mine:
+    for candidate in folder.sibling_step0_checkpoints():
+        if _saved_recipe(candidate) == mine:
             return candidate
     return None
+
+
+def reuse_record(trained: dict, source: Path) -> dict:
+    """What a reused step 0 keeps of the metrics of the run that trained it (``trained``): its checkpoint
+    label, iterations and validation history, and where it came from. A reuse of a reuse names the run that
+    trained step 0."""
+    if "reused_from" in trained:
+        origin, label = trained["reused_from"], trained["checkpoint"]
+    else:
+        origin, label = str(source), f"{trained['checkpoint']}, reused from {source}"
+    return {"checkpoint": label, "reused_from": origin, "iterations": trained["iterations"],
+            "validation_history": trained["validation_history"]}

@@ -1,19 +1,13 @@
-"""Checkpoints, written atomically (temporary file in the same folder, then rename).
+"""Checkpoint I/O: written atomically (temporary file in the same folder, then rename), read with one clear
+error, loaded into a model with a check of its keys.
 
-A run folder holds::
-
-    checkpoints/step{t}.pt           the finished step t: model, optimiser, scaler, config, metrics
-    checkpoints/step{t}_partial.pt   the periodic in-step state of a step still running
-    checkpoints/step{t}_best.pt      best-so-far weights of step t (checkpoint_policy=best)
-
-A finished-step file is only ever written complete, so its presence means the
-step is done; ``--resume`` never retrains it. A failed write (disk full) leaves the
-previous version of the file and raises :class:`utils.files.FileWriteError`.
+Where each checkpoint lives is :class:`utils.run_folder.RunFolder`'s business. A failed write (disk full)
+leaves the previous version of the file and raises :class:`utils.files.FileWriteError`.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -23,18 +17,6 @@ from utils.files import atomic_write
 
 class CheckpointError(UserError):
     """A checkpoint is missing, unreadable or does not fit the model."""
-
-
-def step_checkpoint(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"step{step}.pt"
-
-
-def partial_checkpoint(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"step{step}_partial.pt"
-
-
-def best_checkpoint(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"step{step}_best.pt"
 
 
 def save_atomic(state: dict[str, Any], path: Path) -> None:
@@ -63,8 +45,3 @@ def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], s
         raise CheckpointError(
             f"checkpoint {source} does not match the model: missing {missing[:5]}, "
             f"unexpected {result.unexpected_keys[:5]}")
-
-
-def remove_if_exists(path: Optional[Path]) -> None:
-    if path is not None and Path(path).exists():
-        Path(path).unlink()

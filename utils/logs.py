@@ -12,7 +12,8 @@ import torch
 LOGGER_NAME = "mbs"
 
 
-def setup_logger(run_dir: Optional[Path], is_main: bool) -> logging.Logger:
+def setup_logger(log_file: Optional[Path], is_main: bool) -> logging.Logger:
+    """The run's logger: progress to stdout, warnings and errors to stderr, everything to ``log_file`` on rank 0."""
     logger = logging.getLogger(LOGGER_NAME)
     for handler in logger.handlers:  # e.g. the log file of an earlier run in this process
         handler.close()
@@ -29,9 +30,9 @@ def setup_logger(run_dir: Optional[Path], is_main: bool) -> logging.Logger:
     errors.setFormatter(formatter)
     errors.setLevel(logging.WARNING)
     logger.addHandler(errors)
-    if is_main and run_dir is not None:
-        Path(run_dir).mkdir(parents=True, exist_ok=True)
-        handler = logging.FileHandler(Path(run_dir) / "log.txt")
+    if is_main and log_file is not None:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file)
         handler.setFormatter(formatter)
         logger.addHandler(handler)
     return logger

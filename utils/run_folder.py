@@ -1,16 +1,33 @@
-"""The run folder (``output_dir/name``) before a run starts: it must be a writable folder, finished work is
-never overwritten without ``--resume``, ``--resume`` continues only the same experiment, what an
-interrupted write left is removed, and the resolved config is saved."""
+"""The run folder (``output_dir/name``): the one object that knows every path in it.
+
+A run folder holds::
+
+    config.yaml                      the resolved config (what --resume compares)
+    log.txt                          the run's log
+    tensorboard/                     scalars and images
+    checkpoints/step{t}.pt           the finished step t: weights, metrics, the config and task that made them
+    checkpoints/step{t}_partial.pt   the in-step state of a step still running (--resume continues it)
+    checkpoints/step{t}_best.pt      the best-so-far weights of step t (checkpoint_policy=best)
+    results.json, results.md         the metrics of every finished step (written after each)
+    bad_files.txt                    the data preflight's list of unusable samples, if any
+
+A finished-step file is only ever written complete, so its presence means the step is done; ``--resume``
+never retrains it. Before a run starts (:meth:`RunFolder.prepare`): the folder must be writable, finished
+work is never overwritten without ``--resume``, ``--resume`` continues only the same experiment, what an
+interrupted write left is removed, and the resolved config is saved. No other module spells a file name
+of the run folder.
+"""
 from __future__ import annotations
 
 import dataclasses
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
+from utils import checkpoint as ckpt
 from utils.config import Config, ConfigError, config_from_dict, save_config
 from utils.errors import UserError
 from utils.files import TEMPORARY_PATTERN, atomic_write_text, temporary_sibling
@@ -72,73 +89,196 @@ def config_differences(saved: Config, current: Config) -> dict[str, tuple[Any, A
     return {key: (before[key], now[key]) for key in now if before[key] != now[key]}
 
 
-def check_output_folder(run_dir: Path) -> None:
-    """Create ``run_dir`` if needed and make sure files can be written in it; refuse in one line otherwise."""
-    run_dir = Path(run_dir)
-    for folder in (run_dir, *run_dir.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise RunFolderError(f"cannot create the run folder {run_dir} (output_dir/name): {folder} is a "
-                                     "file, not a folder")
-            break
-    probe = temporary_sibling(run_dir / "write_test")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise RunFolderError(f"the run folder {run_dir} (output_dir/name) is not writable: "
-                             f"{err.strerror or err}") from err
+class RunFolder:
+    """``output_dir/name``: the paths of everything a run writes there, and the operations on them."""
 
+    CHECKPOINTS = "checkpoints"
 
-def read_saved_config(path: Path) -> Config:
-    try:
-        return config_from_dict(yaml.safe_load(path.read_text()) or {})
-    except (OSError, UnicodeDecodeError, yaml.YAMLError, ConfigError) as err:
-        raise RunFolderError(f"--resume: the run's saved config {path} cannot be read ({err}); "
-                             "restore it, or choose another name/output_dir") from None
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
 
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
 
-def check_same_experiment(run_dir: Path, cfg: Config, log: logging.Logger) -> None:
-    """--resume into a folder that holds checkpoints: refuse a config whose experiment keys differ from the
-    saved one (naming every such key and both values); warn about harmless differences."""
-    saved_file = run_dir / "config.yaml"
-    if not saved_file.exists():
-        return
-    differences = config_differences(read_saved_config(saved_file), cfg)
-    # a key in neither set (none should be) counts as an experiment key
-    experiment = {key: values for key, values in differences.items() if key not in HARMLESS_KEYS}
-    if experiment and any((run_dir / "checkpoints").glob("*.pt")):
-        listed = "; ".join(f"{key}: {old!r} (saved) vs {new!r} (now)" for key, (old, new) in experiment.items())
-        raise RunFolderError(f"--resume: run folder {run_dir} was trained with another experiment config "
-                             f"({saved_file}): {listed}. Resume with the saved values, or choose another "
-                             "name/output_dir for the new recipe")
-    harmless = {key: values for key, values in differences.items() if key in HARMLESS_KEYS}
-    if harmless:
-        log.warning("--resume: the config differs from %s in keys that do not change results: %s",
-                    saved_file, "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in harmless.items()))
+    # ------------------------------------------------------------ paths
+    @property
+    def config_file(self) -> Path:
+        return self.path / "config.yaml"
 
+    @property
+    def log_file(self) -> Path:
+        return self.path / "log.txt"
 
-def prepare_run_folder(run_dir: Path, cfg: Config, resume: bool, log: logging.Logger) -> None:
-    """Check the folder, refuse to overwrite finished work unless resuming (and then only with the same
-    experiment), remove stale temporary files, save the config."""
-    check_output_folder(run_dir)
-    done = sorted(run_dir.glob("checkpoints/step*.pt"))
-    if done and not resume:
-        raise RunFolderError(f"run folder {run_dir} already holds checkpoints ({done[0].name}, ...): "
-                             "pass --resume to continue it, or choose another name/output_dir")
-    if resume:
-        check_same_experiment(run_dir, cfg, log)
-    # Temporary files of an atomic write cut short (the process was killed while saving).
-    for stale in [*run_dir.glob(TEMPORARY_PATTERN), *(run_dir / "checkpoints").glob(TEMPORARY_PATTERN)]:
-        log.info("removing %s (left by an interrupted write)", stale)
-        stale.unlink()
-    save_config(cfg, run_dir / "config.yaml")
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.path / "tensorboard"
 
+    @property
+    def results_json(self) -> Path:
+        return self.path / "results.json"
 
-def write_results(run_dir: Path, results: list[dict], meta: dict) -> None:
-    """Write results.json and results.md (atomically: a reader never sees half a file)."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "results.json", json.dumps({"meta": meta, "steps": results}, indent=1) + "\n")
-    atomic_write_text(run_dir / "results.md", results_markdown(meta.get("name", run_dir.name), results, meta))
+    @property
+    def results_md(self) -> Path:
+        return self.path / "results.md"
+
+    @property
+    def bad_files_list(self) -> Path:
+        return self.path / "bad_files.txt"
+
+    @property
+    def qualitative_figure(self) -> Path:
+        """Where ``python -m analysis.report RUN --qualitative N`` draws by default."""
+        return self.path / "qualitative.png"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.path / self.CHECKPOINTS
+
+    def finished_checkpoint(self, step: int) -> Path:
+        return self.checkpoint_dir / f"step{step}.pt"
+
+    def partial_checkpoint(self, step: int) -> Path:
+        return self.checkpoint_dir / f"step{step}_partial.pt"
+
+    def best_checkpoint(self, step: int) -> Path:
+        return self.checkpoint_dir / f"step{step}_best.pt"
+
+    # ------------------------------------------------------------ what is there
+    def looks_like_a_run(self) -> bool:
+        """What a run leaves from its start on: the saved config, then checkpoints, then results."""
+        return self.path.is_dir() and any(p.exists() for p in (self.results_json, self.checkpoint_dir,
+                                                               self.config_file))
+
+    def is_finished(self, step: int) -> bool:
+        return self.finished_checkpoint(step).exists()
+
+    def finished_steps(self) -> list[int]:
+        """Every finished step, in order (not the in-step or best files)."""
+        steps = []
+        for path in self.checkpoint_dir.glob("step*.pt"):
+            suffix = path.stem[len("step"):]
+            if suffix.isdigit():
+                steps.append(int(suffix))
+        return sorted(steps)
+
+    def has_checkpoints(self) -> bool:
+        return any(self.checkpoint_dir.glob("*.pt"))
+
+    def load_finished(self, step: int, map_location: Any = "cpu") -> dict:
+        return ckpt.load(self.finished_checkpoint(step), map_location)
+
+    def finished_metrics(self, steps: range) -> list[dict]:
+        """The metrics of those of ``steps`` that are finished, from their checkpoints."""
+        return [self.load_finished(step)["metrics"] for step in steps if self.is_finished(step)]
+
+    def sibling_step0_checkpoints(self) -> Iterator[Path]:
+        """The finished step-0 checkpoints of the other run folders of this one's ``output_dir``."""
+        own = self.finished_checkpoint(0).resolve()
+        for sibling in sorted(self.path.parent.iterdir()) if self.path.parent.is_dir() else ():
+            candidate = RunFolder(sibling).finished_checkpoint(0)
+            if candidate.is_file() and candidate.resolve() != own:
+                yield candidate
+
+    # ------------------------------------------------------------ writing
+    def save_finished_step(self, step: int, state: dict) -> None:
+        """The step's checkpoint, then its in-step files are removed: from here on the step is finished."""
+        ckpt.save_atomic(state, self.finished_checkpoint(step))
+        self.remove_in_step_files(step)
+
+    def remove_in_step_files(self, step: int) -> list[Path]:
+        """The in-step and best files of ``step`` (left when a run was killed between writing the finished
+        checkpoint and removing them); returns those removed."""
+        removed = []
+        for leftover in (self.partial_checkpoint(step), self.best_checkpoint(step)):
+            if leftover.exists():
+                leftover.unlink()
+                removed.append(leftover)
+        return removed
+
+    def write_results(self, results: list[dict], meta: dict) -> None:
+        """results.json and results.md (atomically: a reader never sees half a file)."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.results_json, json.dumps({"meta": meta, "steps": results}, indent=1) + "\n")
+        atomic_write_text(self.results_md, results_markdown(meta.get("name", self.path.name), results, meta))
+
+    def read_results(self) -> dict:
+        """results.json's content; a :class:`RunFolderError` when it is missing, unreadable or empty."""
+        path = self.results_json
+        if not path.is_file():
+            raise RunFolderError(f"{path} does not exist (has the run finished a step?)")
+        try:
+            content = json.loads(path.read_text())
+        except ValueError as err:
+            raise RunFolderError(f"{path} is not valid JSON: {err}") from None
+        if not isinstance(content, dict) or not content.get("steps"):
+            raise RunFolderError(f"{path} holds no step results")
+        return content
+
+    def read_config_dict(self) -> dict:
+        """config.yaml as plain values ({} when there is none); a :class:`RunFolderError` when it is not YAML."""
+        if not self.config_file.is_file():
+            return {}
+        try:
+            return yaml.safe_load(self.config_file.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise RunFolderError(f"{self.config_file} is not valid YAML: {err}") from None
+
+    # ------------------------------------------------------------ before a run
+    def check_writable(self) -> None:
+        """Create the folder if needed and make sure files can be written in it; refuse in one line otherwise."""
+        for folder in (self.path, *self.path.parents):
+            if folder.exists():
+                if not folder.is_dir():
+                    raise RunFolderError(f"cannot create the run folder {self.path} (output_dir/name): {folder} is "
+                                         "a file, not a folder")
+                break
+        probe = temporary_sibling(self.path / "write_test")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as err:
+            raise RunFolderError(f"the run folder {self.path} (output_dir/name) is not writable: "
+                                 f"{err.strerror or err}") from err
+
+    def read_saved_config(self) -> Config:
+        try:
+            return config_from_dict(yaml.safe_load(self.config_file.read_text()) or {})
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, ConfigError) as err:
+            raise RunFolderError(f"--resume: the run's saved config {self.config_file} cannot be read ({err}); "
+                                 "restore it, or choose another name/output_dir") from None
+
+    def check_same_experiment(self, cfg: Config, log: logging.Logger) -> None:
+        """--resume into a folder that holds checkpoints: refuse a config whose experiment keys differ from the
+        saved one (naming every such key and both values); warn about harmless differences."""
+        if not self.config_file.exists():
+            return
+        differences = config_differences(self.read_saved_config(), cfg)
+        # a key in neither set (none should be) counts as an experiment key
+        experiment = {key: values for key, values in differences.items() if key not in HARMLESS_KEYS}
+        if experiment and self.has_checkpoints():
+            listed = "; ".join(f"{key}: {old!r} (saved) vs {new!r} (now)" for key, (old, new) in experiment.items())
+            raise RunFolderError(f"--resume: run folder {self.path} was trained with another experiment config "
+                                 f"({self.config_file}): {listed}. Resume with the saved values, or choose another "
+                                 "name/output_dir for the new recipe")
+        harmless = {key: values for key, values in differences.items() if key in HARMLESS_KEYS}
+        if harmless:
+            log.warning("--resume: the config differs from %s in keys that do not change results: %s",
+                        self.config_file,
+                        "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in harmless.items()))
+
+    def prepare(self, cfg: Config, resume: bool, log: logging.Logger) -> None:
+        """Check the folder, refuse to overwrite finished work unless resuming (and then only with the same
+        experiment), remove stale temporary files, save the config."""
+        self.check_writable()
+        done = sorted(self.checkpoint_dir.glob("step*.pt"))  # finished or in-step: work a new run would lose
+        if done and not resume:
+            raise RunFolderError(f"run folder {self.path} already holds checkpoints ({done[0].name}, ...): "
+                                 "pass --resume to continue it, or choose another name/output_dir")
+        if resume:
+            self.check_same_experiment(cfg, log)
+        # Temporary files of an atomic write cut short (the process was killed while saving).
+        for stale in [*self.path.glob(TEMPORARY_PATTERN), *self.checkpoint_dir.glob(TEMPORARY_PATTERN)]:
+            log.info("removing %s (left by an interrupted write)", stale)
+            stale.unlink()
+        save_config(cfg, self.config_file)
