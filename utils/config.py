@@ -5,9 +5,17 @@ overrides on the command line. Every key has a default here; an unknown or
 misspelled key is an error that names it (with the closest known key), and a
 value of the wrong type or outside its allowed set is an error naming the key.
 The fully resolved config is saved with every run (``config.yaml``).
+
+Every key is declared in one line, its field (``config_key``): default, allowed
+values (``choices``) or ``range``, role (EXPERIMENT: ``--resume`` refuses a
+change; HARMLESS: a change only warns) and whether it is part of the step-0
+recipe (STEP0). ``CHOICES``, ``RANGES``, ``EXPERIMENT_KEYS``, ``HARMLESS_KEYS``
+and ``STEP0_KEYS`` are derived from those fields; a field without a role is an
+error at import.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import typing
@@ -24,57 +32,117 @@ class ConfigError(UserError, ValueError):
     """A config file or override is invalid; the message names the key or file."""
 
 
+@dataclass(frozen=True)
+class Range:
+    """The numbers a config key allows; ``None`` (an optional key left at null) always passes."""
+
+    low: Optional[float] = None
+    high: Optional[float] = None
+    low_open: bool = False     # low itself is not allowed
+    high_open: bool = False
+
+    def allows(self, value: float) -> bool:
+        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
+        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high is None:
+            return f"{'>' if self.low_open else '>='} {self.low}"
+        return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+
+
+POSITIVE, AT_LEAST_0, AT_LEAST_1 = Range(0, low_open=True), Range(0), Range(1)
+FRACTION, PROBABILITY = Range(0, 1), Range(0, 1, high_open=True)
+
+# The role of a key: what --resume does when its value differs from the one saved in the run folder.
+EXPERIMENT = "experiment"  # it defines the experiment (a run folder holds one recipe): refused
+HARMLESS = "harmless"      # where things are or how the run executes, not what it computes: a warning
+ROLES = (EXPERIMENT, HARMLESS)
+# Part of the step-0 recipe (trainer/step0_reuse.py): a reused step 0 must have been trained with the same value.
+STEP0 = "step0"
+
+_ROLE, _STEP0, _CHOICES, _RANGE = "role", "step0", "choices", "range"  # field metadata names
+
+
+def config_key(default: Any, role: str, step0: Optional[str] = None, *, choices: Optional[set] = None,
+               range: Optional[Range] = None) -> Any:
+    """A config field with its metadata, e.g. ``lr: float = config_key(0.01, EXPERIMENT, STEP0, range=POSITIVE)``.
+    A list or dict default is copied for every instance (a dataclass default must not be shared)."""
+    if step0 not in (None, STEP0):
+        raise TypeError(f"config_key: the third argument is STEP0 or nothing, got {step0!r}")
+    metadata = {_ROLE: role, _STEP0: step0 == STEP0, _CHOICES: frozenset(choices) if choices else None,
+                _RANGE: range}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
 @dataclass
 class SyntheticConfig:
-    enabled: bool = False       # generate the built-in synthetic dataset at data.root if absent
-    num_train: int = 1000
-    num_val: int = 200
-    image_size: int = 128
-    seed: int = 0
+    """The built-in synthetic dataset; when enabled, the step-0 recipe takes this section whole."""
+
+    # generate the built-in synthetic dataset at data.root if absent
+    enabled: bool = config_key(False, EXPERIMENT, STEP0)
+    num_train: int = config_key(1000, EXPERIMENT, STEP0, range=AT_LEAST_1)
+    num_val: int = config_key(200, EXPERIMENT, STEP0, range=AT_LEAST_1)
+    image_size: int = config_key(128, EXPERIMENT, STEP0, range=Range(16))  # the generator draws nothing smaller
+    seed: int = config_key(0, EXPERIMENT, STEP0)
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "voc"                  # voc | ade
-    root: str = "data"                    # folder holding VOCdevkit/ or ADEChallengeData2016/
-    task: str = "15-1"                    # a name from datasets.tasks (see `python -m datasets.splits --list`)
-    custom_steps: Optional[list] = None   # explicit steps [[0, 1, ...], [..], ...] instead of a named task
-    setting: str = "overlapped"           # overlapped | disjoint
-    class_lists: Optional[str] = None     # a train_cls.txt-style file; default: derived from the labels and cached
-    cache_dir: Optional[str] = None       # where derived class lists go; default: next to the data
-    base_size: int = 512                  # short side before random scaling / for center-crop evaluation
-    crop_size: int = 512
-    scale_range: list = field(default_factory=lambda: [0.5, 2.0])
-    eval_mode: str = "center_crop"        # center_crop (the reference) | full (whole image, batch 1)
+    dataset: str = config_key("voc", EXPERIMENT, STEP0, choices={"voc", "ade"})
+    # data.root / class_lists / cache_dir are locations: data moved to another disk is the same data
+    root: str = config_key("data", HARMLESS)  # folder holding VOCdevkit/ or ADEChallengeData2016/
+    # a name from datasets.tasks (see `python -m datasets.splits --list`); step 0 records its classes instead
+    task: str = config_key("15-1", EXPERIMENT)
+    # explicit steps [[0, 1, ...], [..], ...] instead of a named task
+    custom_steps: Optional[list] = config_key(None, EXPERIMENT)
+    setting: str = config_key("overlapped", EXPERIMENT, STEP0, choices={"overlapped", "disjoint"})
+    # a train_cls.txt-style file; default: derived from the labels and cached
+    class_lists: Optional[str] = config_key(None, HARMLESS)
+    cache_dir: Optional[str] = config_key(None, HARMLESS)  # where derived class lists go; default: next to the data
+    # short side before random scaling / for center-crop evaluation
+    base_size: int = config_key(512, EXPERIMENT, STEP0, range=AT_LEAST_1)
+    crop_size: int = config_key(512, EXPERIMENT, STEP0, range=AT_LEAST_1)
+    scale_range: list = config_key([0.5, 2.0], EXPERIMENT, STEP0)  # checked in _validate: 0 < low <= high
+    # center_crop (the reference) | full (whole image, batch 1)
+    eval_mode: str = config_key("center_crop", EXPERIMENT, STEP0, choices={"center_crop", "full"})
     # ignore: pad a scaled image smaller than the crop only as much as the crop needs, label 255 (MiB/PLOP);
     # reference: the MBS reference's padding, every side by int((1 + crop - side) / 2), image 0, label 0
-    crop_padding: str = "ignore"
-    skip_bad_files: bool = False          # the data preflight skips unreadable samples instead of refusing
-    num_workers: int = 4
-    prefetch_factor: int = 2              # batches each loader worker prepares ahead
+    crop_padding: str = config_key("ignore", EXPERIMENT, STEP0, choices={"ignore", "reference"})
+    # the data preflight skips unreadable samples instead of refusing
+    skip_bad_files: bool = config_key(False, EXPERIMENT, STEP0)
+    num_workers: int = config_key(4, HARMLESS, range=AT_LEAST_0)
+    prefetch_factor: int = config_key(2, HARMLESS, range=AT_LEAST_1)  # batches each loader worker prepares ahead
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
 
 
 @dataclass
 class ModelConfig:
-    architecture: str = "deeplabv3"       # deeplabv3 | segmenter
-    backbone: str = "resnet101"           # resnet18/34/50/101 | a timm ViT name
-    pretrained: str = "imagenet"          # imagenet | none | path to a local state dict
-    output_stride: int = 16               # DeepLab only: 16 or 8
-    head_channels: int = 256              # DeepLab ASPP width
-    decoder_layers: int = 2               # Segmenter only
-    decoder_heads: int = 12
-    decoder_dim: int = 768
+    """The network; the step-0 recipe takes this section whole."""
+
+    architecture: str = config_key("deeplabv3", EXPERIMENT, STEP0, choices={"deeplabv3", "segmenter"})
+    backbone: str = config_key("resnet101", EXPERIMENT, STEP0)  # resnet18/34/50/101 | a timm ViT name
+    pretrained: str = config_key("imagenet", EXPERIMENT, STEP0)  # imagenet | none | path to a local state dict
+    output_stride: int = config_key(16, EXPERIMENT, STEP0, choices={8, 16})  # DeepLab only
+    head_channels: int = config_key(256, EXPERIMENT, STEP0, range=AT_LEAST_1)  # DeepLab ASPP width
+    decoder_layers: int = config_key(2, EXPERIMENT, STEP0, range=AT_LEAST_1)  # Segmenter only
+    decoder_heads: int = config_key(12, EXPERIMENT, STEP0, range=AT_LEAST_1)
+    decoder_dim: int = config_key(768, EXPERIMENT, STEP0, range=AT_LEAST_1)
     # Segmenter regularisation and normalisation; the defaults are the MBS reference's values
-    encoder_dropout: float = 0.0
-    encoder_drop_path_rate: float = 0.0
-    decoder_dropout: float = 0.0
-    decoder_drop_path_rate: float = 0.1   # rises linearly from 0 over the decoder layers
-    layer_norm_eps: float = 1e-5          # every LayerNorm of encoder and decoder (timm's ViT default: 1e-6)
+    encoder_dropout: float = config_key(0.0, EXPERIMENT, STEP0, range=PROBABILITY)
+    encoder_drop_path_rate: float = config_key(0.0, EXPERIMENT, STEP0, range=PROBABILITY)
+    decoder_dropout: float = config_key(0.0, EXPERIMENT, STEP0, range=PROBABILITY)
+    # rises linearly from 0 over the decoder layers
+    decoder_drop_path_rate: float = config_key(0.1, EXPERIMENT, STEP0, range=PROBABILITY)
+    # every LayerNorm of encoder and decoder (timm's ViT default: 1e-6)
+    layer_norm_eps: float = config_key(1e-5, EXPERIMENT, STEP0, range=POSITIVE)
     # reference: position embedding resampled bilinearly (no antialias) for other input sizes, pretrained grid
     # resized bicubically without antialias; timm: timm's bicubic resampling with antialias for both
-    pos_embed_interpolation: str = "reference"
-    backbone_overrides: dict = field(default_factory=dict)  # timm kwargs for a small ViT (tests/CPU)
+    pos_embed_interpolation: str = config_key("reference", EXPERIMENT, STEP0, choices={"reference", "timm"})
+    backbone_overrides: dict = config_key({}, EXPERIMENT, STEP0)  # timm kwargs for a small ViT (tests/CPU)
 
 
 @dataclass
@@ -85,63 +153,78 @@ class MethodConfig:
     component on, ``baseline`` is the reference's non-MBS variant (plain
     pseudo-labels, unweighted feature MSE, plain KD), ``finetune`` is
     cross-entropy only. A switch set explicitly overrides the preset, so an
-    ablation table is a set of configs.
+    ablation table is a set of configs. None of it is in the step-0 recipe:
+    step 0 is cross-entropy alone for every method.
     """
 
-    name: str = "mbs"                          # mbs | baseline | finetune
-    weight_transfer: Optional[bool] = None     # (a) new class vectors start as the background's
-    pseudo_labels: Optional[bool] = None       # (b) step 1: label background pixels with confident old predictions
-    selective_pl: Optional[bool] = None        # (b) steps 2-3: object identifier -> ignore
-    feature_distill: Optional[bool] = None     # (c) on: distil features at all
-    afd: Optional[bool] = None                 # (c) adaptive weights (off: unweighted MSE)
-    output_distill: Optional[bool] = None      # (d) on: distil outputs at all
-    lgkd: Optional[bool] = None                # (d) label-guided (off: plain KD on old channels)
-    ortho: Optional[bool] = None               # (e) orthogonal objective
-    pseudo_threshold: float = 0.7              # tau
-    output_distill_weight: float = 25.0        # lambda: 25 VOC, 50 ADE
-    feature_distill_weight: float = 1.0
-    ortho_weight: float = 1.0                  # multiplied by |C_new| / |C_old u C_new|
-    class_embedding_distill_weight: float = 1.0  # Transformer: MSE on old class-token outputs
+    name: str = config_key("mbs", EXPERIMENT, choices={"mbs", "baseline", "finetune"})
+    weight_transfer: Optional[bool] = config_key(None, EXPERIMENT)  # (a) new class vectors start as the background's
+    # (b) step 1: label background pixels with confident old predictions
+    pseudo_labels: Optional[bool] = config_key(None, EXPERIMENT)
+    selective_pl: Optional[bool] = config_key(None, EXPERIMENT)     # (b) steps 2-3: object identifier -> ignore
+    feature_distill: Optional[bool] = config_key(None, EXPERIMENT)  # (c) on: distil features at all
+    afd: Optional[bool] = config_key(None, EXPERIMENT)              # (c) adaptive weights (off: unweighted MSE)
+    output_distill: Optional[bool] = config_key(None, EXPERIMENT)   # (d) on: distil outputs at all
+    lgkd: Optional[bool] = config_key(None, EXPERIMENT)             # (d) label-guided (off: plain KD on old channels)
+    ortho: Optional[bool] = config_key(None, EXPERIMENT)            # (e) orthogonal objective
+    pseudo_threshold: float = config_key(0.7, EXPERIMENT, range=FRACTION)  # tau
+    output_distill_weight: float = config_key(25.0, EXPERIMENT, range=AT_LEAST_0)  # lambda: 25 VOC, 50 ADE
+    feature_distill_weight: float = config_key(1.0, EXPERIMENT, range=AT_LEAST_0)
+    ortho_weight: float = config_key(1.0, EXPERIMENT, range=AT_LEAST_0)  # multiplied by |C_new| / |C_old u C_new|
+    # Transformer: MSE on old class-token outputs
+    class_embedding_distill_weight: float = config_key(1.0, EXPERIMENT, range=AT_LEAST_0)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30
-    epochs_incremental: Optional[int] = None   # default: same as epochs
-    batch_size: int = 24                       # total over all processes
-    val_batch_size: int = 8                    # per process; forced to 1 for eval_mode=full
-    lr: float = 0.01                           # step 0
-    lr_incremental: float = 0.001              # steps >= 1
-    lr_schedule: str = "poly"                  # poly | constant
-    poly_power: float = 0.9
-    head_lr_multiplier: float = 1.0            # head lr = lr * this
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 1e-4
-    amp: str = "bf16"                          # bf16 | fp16 | none (CUDA only; CPU runs in fp32)
-    max_iters_per_step: Optional[int] = None   # cap iterations per step (quick runs, tests)
+    # Intervals used as a modulus are >= 1; checkpoint_interval and image_log_interval also take 0 (never / once
+    # per epoch). Incremental-step keys, intervals, names and paths are not in the step-0 recipe.
+    epochs: int = config_key(30, EXPERIMENT, STEP0, range=AT_LEAST_1)
+    epochs_incremental: Optional[int] = config_key(None, EXPERIMENT, range=AT_LEAST_1)  # default: same as epochs
+    batch_size: int = config_key(24, EXPERIMENT, STEP0, range=AT_LEAST_1)  # total over all processes
+    val_batch_size: int = config_key(8, HARMLESS, range=AT_LEAST_1)  # per process; forced to 1 for eval_mode=full
+    lr: float = config_key(0.01, EXPERIMENT, STEP0, range=POSITIVE)  # step 0
+    lr_incremental: float = config_key(0.001, EXPERIMENT, range=POSITIVE)  # steps >= 1
+    lr_schedule: str = config_key("poly", EXPERIMENT, STEP0, choices={"poly", "constant"})
+    poly_power: float = config_key(0.9, EXPERIMENT, STEP0, range=AT_LEAST_0)
+    head_lr_multiplier: float = config_key(1.0, EXPERIMENT, STEP0, range=POSITIVE)  # head lr = lr * this
+    momentum: float = config_key(0.9, EXPERIMENT, STEP0, range=PROBABILITY)
+    nesterov: bool = config_key(True, EXPERIMENT, STEP0)
+    weight_decay: float = config_key(1e-4, EXPERIMENT, STEP0, range=AT_LEAST_0)
+    amp: str = config_key("bf16", EXPERIMENT, STEP0, choices={"bf16", "fp16", "none"})  # CUDA only; CPU runs in fp32
+    # cap iterations per step (quick runs, tests)
+    max_iters_per_step: Optional[int] = config_key(None, EXPERIMENT, STEP0, range=AT_LEAST_1)
     # validation during a step: none | epochs (every val_interval epochs) | reference (the MBS reference's
     # cadence: whenever the iteration count is a multiple of max(100, total iterations // 10))
-    validation: str = "none"
-    val_interval: int = 1                      # epochs between validations (validation: epochs)
-    checkpoint_policy: str = "last"            # last | best (the weights that validated best, as the reference)
-    compile: bool = False                      # torch.compile the model (and the loss) for training
-    step0_checkpoint: Optional[str] = None     # reuse a finished step 0: a step0.pt path, or auto (same family)
-    checkpoint_interval: int = 500             # in-step checkpoint every N iterations (0: never)
-    log_interval: int = 10                     # iterations between tensorboard scalars
-    image_log_interval: int = 0                # iterations between tensorboard images (0: once per epoch)
-    qualitative_images: int = 4                # val images (image, truth, prediction) to tensorboard after each test
-    qualitative_figure: Optional[str] = None   # at the end of a run, draw them with every step's prediction (PNG)
+    validation: str = config_key("none", EXPERIMENT, STEP0, choices={"none", "epochs", "reference"})
+    # epochs between validations (validation: epochs)
+    val_interval: int = config_key(1, EXPERIMENT, STEP0, range=AT_LEAST_1)
+    # last | best (the weights that validated best, as the reference)
+    checkpoint_policy: str = config_key("last", EXPERIMENT, STEP0, choices={"last", "best"})
+    compile: bool = config_key(False, HARMLESS)  # torch.compile the model (and the loss) for training
+    # reuse a finished step 0: a step0.pt path, or auto (same family); harmless: a reused step 0 has the same
+    # recipe as one trained here (trainer/step0_reuse.py)
+    step0_checkpoint: Optional[str] = config_key(None, HARMLESS)
+    # in-step checkpoint every N iterations (0: never)
+    checkpoint_interval: int = config_key(500, HARMLESS, range=AT_LEAST_0)
+    log_interval: int = config_key(10, HARMLESS, range=AT_LEAST_1)  # iterations between tensorboard scalars
+    # iterations between tensorboard images (0: once per epoch)
+    image_log_interval: int = config_key(0, HARMLESS, range=AT_LEAST_0)
+    # val images (image, truth, prediction) to tensorboard after each test
+    qualitative_images: int = config_key(4, HARMLESS, range=AT_LEAST_0)
+    # at the end of a run, draw them with every step's prediction (PNG)
+    qualitative_figure: Optional[str] = config_key(None, HARMLESS)
 
 
 @dataclass
 class Config:
-    name: str = "run"
-    output_dir: str = "runs"          # the run lives in output_dir/name
-    seed: int = 0
-    device: str = "auto"              # auto | cpu | cuda
-    start_step: int = 0
-    end_step: Optional[int] = None    # last step to run (inclusive); default: the task's last
+    name: str = config_key("run", HARMLESS)
+    output_dir: str = config_key("runs", HARMLESS)  # the run lives in output_dir/name
+    seed: int = config_key(0, EXPERIMENT, STEP0)
+    device: str = config_key("auto", HARMLESS, choices={"auto", "cpu", "cuda"})
+    start_step: int = config_key(0, HARMLESS, range=AT_LEAST_0)
+    # last step to run (inclusive); default: the task's last
+    end_step: Optional[int] = config_key(None, HARMLESS, range=AT_LEAST_0)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -152,20 +235,59 @@ class Config:
         return Path(self.output_dir) / self.name
 
 
-CHOICES = {
-    "data.dataset": {"voc", "ade"},
-    "data.setting": {"overlapped", "disjoint"},
-    "data.eval_mode": {"center_crop", "full"},
-    "data.crop_padding": {"ignore", "reference"},
-    "model.pos_embed_interpolation": {"reference", "timm"},
-    "train.validation": {"none", "epochs", "reference"},
-    "model.architecture": {"deeplabv3", "segmenter"},
-    "method.name": {"mbs", "baseline", "finetune"},
-    "train.lr_schedule": {"poly", "constant"},
-    "train.amp": {"bf16", "fp16", "none"},
-    "train.checkpoint_policy": {"last", "best"},
-    "device": {"auto", "cpu", "cuda"},
-    "model.output_stride": {8, 16},
+@dataclass(frozen=True)
+class KeyTables:
+    """What the fields of a config schema declare, by dotted key (``train.lr``)."""
+
+    choices: dict[str, frozenset]
+    ranges: dict[str, Range]
+    experiment: frozenset[str]
+    harmless: frozenset[str]
+    step0: tuple[str, ...]   # in schema order
+
+
+def _leaf_fields(obj: Any, prefix: str = "") -> typing.Iterator[tuple[str, dataclasses.Field]]:
+    """Every key of a config instance with its field; a nested dataclass is a section, walked into."""
+    for schema_field in dataclasses.fields(obj):
+        value = getattr(obj, schema_field.name)
+        if dataclasses.is_dataclass(value):
+            yield from _leaf_fields(value, f"{prefix}{schema_field.name}.")
+        else:
+            yield prefix + schema_field.name, schema_field
+
+
+def key_tables(schema: type) -> KeyTables:
+    """Collect the metadata of every key of ``schema`` (a config dataclass whose fields all have defaults);
+    a key without a role is a schema error (TypeError), so every key decides what --resume does with it."""
+    choices, ranges, roles, step0 = {}, {}, {role: set() for role in ROLES}, []
+    for dotted, schema_field in _leaf_fields(schema()):
+        role = schema_field.metadata.get(_ROLE)
+        if role not in ROLES:
+            raise TypeError(f"config field {dotted!r} declares no role (experiment or harmless)"
+                            + (f", got {role!r}" if role is not None else ""))
+        roles[role].add(dotted)
+        if schema_field.metadata.get(_CHOICES):
+            choices[dotted] = schema_field.metadata[_CHOICES]
+        if schema_field.metadata.get(_RANGE):
+            ranges[dotted] = schema_field.metadata[_RANGE]
+        if schema_field.metadata.get(_STEP0):
+            step0.append(dotted)
+    return KeyTables(choices, ranges, frozenset(roles[EXPERIMENT]), frozenset(roles[HARMLESS]), tuple(step0))
+
+
+_TABLES = key_tables(Config)
+# The allowed values of a key and the numbers it allows, checked when a config is loaded.
+CHOICES: dict[str, frozenset] = _TABLES.choices
+RANGES: dict[str, Range] = _TABLES.ranges
+# What --resume compares with the config saved in the run folder (utils/run_folder.py): experiment keys must
+# match, a harmless key that differs is listed in a warning. Every key is in exactly one.
+EXPERIMENT_KEYS: frozenset[str] = _TABLES.experiment
+HARMLESS_KEYS: frozenset[str] = _TABLES.harmless
+# The step-0 keys of the data and train sections, by section (trainer/step0_reuse.py); the recipe adds the whole
+# model section, the seed and the synthetic section itself.
+_STEP0_SPLIT = [dotted.rpartition(".") for dotted in _TABLES.step0]  # (section, ".", name)
+STEP0_KEYS: dict[str, tuple[str, ...]] = {
+    section: tuple(name for parent, _, name in _STEP0_SPLIT if parent == section) for section in ("data", "train")
 }
 
 
@@ -221,54 +343,6 @@ def _merge(obj: Any, updates: dict, prefix: str = "") -> None:
             _merge(current, value if value is not None else {}, full + ".")
         else:
             setattr(obj, key, _check_value(full, value, hints[key]))
-
-
-@dataclass(frozen=True)
-class Range:
-    """The numbers a config key allows; ``None`` (an optional key left at null) always passes."""
-
-    low: Optional[float] = None
-    high: Optional[float] = None
-    low_open: bool = False     # low itself is not allowed
-    high_open: bool = False
-
-    def allows(self, value: float) -> bool:
-        above = self.low is None or (value > self.low if self.low_open else value >= self.low)
-        below = self.high is None or (value < self.high if self.high_open else value <= self.high)
-        return above and below
-
-    def __str__(self) -> str:
-        if self.high is None:
-            return f"{'>' if self.low_open else '>='} {self.low}"
-        return f"in {'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
-
-
-POSITIVE, AT_LEAST_0, AT_LEAST_1 = Range(0, low_open=True), Range(0), Range(1)
-FRACTION, PROBABILITY = Range(0, 1), Range(0, 1, high_open=True)
-
-# Every numeric key and the values it allows, checked when a config is loaded. Intervals used as a modulus
-# are >= 1; checkpoint_interval and image_log_interval also take 0 (never / once per epoch).
-RANGES: dict[str, Range] = {
-    "start_step": AT_LEAST_0, "end_step": AT_LEAST_0,
-    "data.base_size": AT_LEAST_1, "data.crop_size": AT_LEAST_1,
-    "data.num_workers": AT_LEAST_0, "data.prefetch_factor": AT_LEAST_1,
-    "data.synthetic.num_train": AT_LEAST_1, "data.synthetic.num_val": AT_LEAST_1,
-    "data.synthetic.image_size": Range(16),  # the generator draws nothing smaller
-    "model.head_channels": AT_LEAST_1, "model.decoder_layers": AT_LEAST_1, "model.decoder_heads": AT_LEAST_1,
-    "model.decoder_dim": AT_LEAST_1, "model.layer_norm_eps": POSITIVE,
-    "model.encoder_dropout": PROBABILITY, "model.encoder_drop_path_rate": PROBABILITY,
-    "model.decoder_dropout": PROBABILITY, "model.decoder_drop_path_rate": PROBABILITY,
-    "method.pseudo_threshold": FRACTION,
-    "method.output_distill_weight": AT_LEAST_0, "method.feature_distill_weight": AT_LEAST_0,
-    "method.ortho_weight": AT_LEAST_0, "method.class_embedding_distill_weight": AT_LEAST_0,
-    "train.epochs": AT_LEAST_1, "train.epochs_incremental": AT_LEAST_1,
-    "train.batch_size": AT_LEAST_1, "train.val_batch_size": AT_LEAST_1,
-    "train.lr": POSITIVE, "train.lr_incremental": POSITIVE, "train.poly_power": AT_LEAST_0,
-    "train.head_lr_multiplier": POSITIVE, "train.momentum": PROBABILITY, "train.weight_decay": AT_LEAST_0,
-    "train.max_iters_per_step": AT_LEAST_1, "train.val_interval": AT_LEAST_1,
-    "train.checkpoint_interval": AT_LEAST_0, "train.log_interval": AT_LEAST_1,
-    "train.image_log_interval": AT_LEAST_0, "train.qualitative_images": AT_LEAST_0,
-}
 
 
 def config_value(cfg: Config, key: str) -> Any:
