@@ -310,8 +310,7 @@ def test_resume_with_another_harmless_key_only_warns(tmp_path, caplog):
 
 
 def test_every_config_key_is_either_experiment_or_harmless():
-    from utils.config import Config
-    from utils.run_folder import EXPERIMENT_KEYS, HARMLESS_KEYS, config_items
+    from utils.config import EXPERIMENT_KEYS, HARMLESS_KEYS, Config, config_items
     assert not EXPERIMENT_KEYS & HARMLESS_KEYS
     assert EXPERIMENT_KEYS | HARMLESS_KEYS == set(config_items(Config()))
 

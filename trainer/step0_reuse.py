@@ -5,7 +5,8 @@ those of ADE 100-50, 100-10 and 100-5, and those of the methods of one task (ste
 alone for every method). Every finished step 0 carries its *recipe* — everything that defines its
 training and its test — and a hash of it; ``train.step0_checkpoint`` reuses a finished step 0 whose
 recipe is identical: a path to its ``step0.pt``, or ``auto`` to look in the sibling run folders of
-``output_dir``.
+``output_dir``. Which config keys belong to the recipe is declared in their fields (``STEP0`` in
+:mod:`utils.config`).
 """
 from __future__ import annotations
 
@@ -19,18 +20,8 @@ import torch
 
 from datasets.tasks import Task
 from utils.checkpoint import CheckpointError
-from utils.config import Config
+from utils.config import STEP0_KEYS, Config
 from utils.run_folder import RunFolder
-
-# The keys of each config section that shape step 0's weights or its test. Left out on purpose: the method
-# (step 0 is cross-entropy alone), incremental-step keys, workers, intervals, device, names and paths.
-STEP0_KEYS = {
-    "data": ("dataset", "setting", "base_size", "crop_size", "scale_range", "eval_mode", "crop_padding",
-             "skip_bad_files"),
-    "train": ("epochs", "batch_size", "lr", "lr_schedule", "poly_power", "head_lr_multiplier", "momentum",
-              "nesterov", "weight_decay", "amp", "max_iters_per_step", "validation", "val_interval",
-              "checkpoint_policy"),
-}
 
 
 class Step0ReuseError(CheckpointError):

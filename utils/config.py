@@ -256,6 +256,11 @@ def _leaf_fields(obj: Any, prefix: str = "") -> typing.Iterator[tuple[str, datac
             yield prefix + schema_field.name, schema_field
 
 
+def config_items(cfg: Any) -> dict[str, Any]:
+    """Every key of a config (dotted) and its value."""
+    return {dotted: config_value(cfg, dotted) for dotted, _ in _leaf_fields(cfg)}
+
+
 def key_tables(schema: type) -> KeyTables:
     """Collect the metadata of every key of ``schema`` (a config dataclass whose fields all have defaults);
     a key without a role is a schema error (TypeError), so every key decides what --resume does with it."""

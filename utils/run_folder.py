@@ -19,7 +19,6 @@ of the run folder.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any, Iterator
 import yaml
 
 from utils import checkpoint as ckpt
-from utils.config import Config, ConfigError, config_from_dict, save_config
+from utils.config import HARMLESS_KEYS, Config, ConfigError, config_from_dict, config_items, save_config
 from utils.errors import UserError
 from utils.files import TEMPORARY_PATTERN, atomic_write_text, temporary_sibling
 from utils.results import results_markdown
@@ -36,51 +35,6 @@ from utils.results import results_markdown
 
 class RunFolderError(UserError):
     """The run folder cannot be used as asked (not creatable, finished work would be overwritten, ...)."""
-
-
-# What --resume compares with the config saved in the run folder. Every config key is in exactly one set
-# (tests/test_bad_input.py checks it), so a new key needs a decision here.
-# Keys that define the experiment: a run folder holds the results of one recipe, so they must match.
-EXPERIMENT_KEYS = frozenset({
-    "seed",
-    "data.dataset", "data.task", "data.custom_steps", "data.setting", "data.base_size", "data.crop_size",
-    "data.scale_range", "data.eval_mode", "data.crop_padding", "data.skip_bad_files",
-    "data.synthetic.enabled", "data.synthetic.num_train", "data.synthetic.num_val", "data.synthetic.image_size",
-    "data.synthetic.seed",
-    "model.architecture", "model.backbone", "model.pretrained", "model.output_stride", "model.head_channels",
-    "model.decoder_layers", "model.decoder_heads", "model.decoder_dim", "model.encoder_dropout",
-    "model.encoder_drop_path_rate", "model.decoder_dropout", "model.decoder_drop_path_rate",
-    "model.layer_norm_eps", "model.pos_embed_interpolation", "model.backbone_overrides",
-    "method.name", "method.weight_transfer", "method.pseudo_labels", "method.selective_pl",
-    "method.feature_distill", "method.afd", "method.output_distill", "method.lgkd", "method.ortho",
-    "method.pseudo_threshold", "method.output_distill_weight", "method.feature_distill_weight",
-    "method.ortho_weight", "method.class_embedding_distill_weight",
-    "train.epochs", "train.epochs_incremental", "train.batch_size", "train.lr", "train.lr_incremental",
-    "train.lr_schedule", "train.poly_power", "train.head_lr_multiplier", "train.momentum", "train.nesterov",
-    "train.weight_decay", "train.amp", "train.max_iters_per_step", "train.validation", "train.val_interval",
-    "train.checkpoint_policy",
-})
-# Keys that say where things are or how the run is executed, not what it computes: they may differ (a warning
-# lists them). data.root / class_lists / cache_dir are locations: data moved to another disk is the same data.
-HARMLESS_KEYS = frozenset({
-    "name", "output_dir", "device", "start_step", "end_step",
-    "data.root", "data.class_lists", "data.cache_dir", "data.num_workers", "data.prefetch_factor",
-    "train.val_batch_size", "train.compile", "train.checkpoint_interval", "train.log_interval",
-    "train.image_log_interval", "train.qualitative_images", "train.qualitative_figure",
-    "train.step0_checkpoint",  # a reused step 0 has the same recipe as one trained here (trainer/step0_reuse.py)
-})
-
-
-def config_items(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """Every leaf key of a config (dotted) and its value."""
-    items = {}
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        if dataclasses.is_dataclass(value):
-            items.update(config_items(value, f"{prefix}{f.name}."))
-        else:
-            items[prefix + f.name] = value
-    return items
 
 
 def config_differences(saved: Config, current: Config) -> dict[str, tuple[Any, Any]]:
