@@ -16,8 +16,10 @@ forward + backward in a fresh subprocess, which reports its peak RSS (VmHWM on L
 the growth of that peak over its value after building the inputs (what the loss itself needs). Prints one JSON
 object on stdout.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/losses.py --reference-repo ../ECCV2024_MBS
-    .venv/bin/python benchmarks/losses.py --small     # tiny sizes: seconds, for CI
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.losses --reference-repo ../ECCV2024_MBS
+    .venv/bin/python -m benchmarks.losses --small     # tiny sizes: seconds, for CI
+
+(from the project root: run as a module, ``import losses`` finds the project's package, not this file).
 """
 from __future__ import annotations
 
@@ -35,11 +37,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-# This file is itself named losses.py: put the repository first so ``import losses`` finds the package.
-sys.path.insert(0, str(REPO_ROOT))
-import losses  # noqa: E402
-from utils.ignore import IGNORE_INDEX  # noqa: E402
+import losses
+from utils.ignore import IGNORE_INDEX
 
 FULL_SIZE = dict(batch=8, classes=21, old_classes=16, size=512, repeats=5)
 SMALL_SIZE = dict(batch=2, classes=6, old_classes=4, size=32, repeats=2)
@@ -78,10 +77,11 @@ def previous_knowledge_distillation(new_logits: torch.Tensor, old_logits: torch.
 
 # --------------------------------------------------------------- implementations under test
 def load_reference(repo: Path):
-    """The authors' loss module, loaded from ``repo/utils/loss.py`` (their ``utils`` package is not imported:
-    its ``__init__`` pulls in the rest of their code)."""
+    """The authors' loss module, loaded from ``repo/utils/loss.py`` by path under a private name: their
+    ``utils`` package is not imported (its ``__init__`` pulls in the rest of their code, and by name it would
+    be ours), and ``sys.path`` / ``sys.modules`` stay as they are. The file imports only torch."""
     path = repo / "utils" / "loss.py"
-    spec = importlib.util.spec_from_file_location("reference_loss", path)
+    spec = importlib.util.spec_from_file_location("mbs_reference_utils_loss", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -188,7 +188,8 @@ def measure_memory(table: dict, sizes: dict, reference_repo: Path | None) -> dic
     for loss_name, impls in table.items():
         results[loss_name] = {}
         for impl_name in impls:
-            command = [sys.executable, str(Path(__file__).resolve()), "--memory-of", f"{loss_name}:{impl_name}",
+            # same working directory and environment as this process: the module is found as it was here
+            command = [sys.executable, "-m", "benchmarks.losses", "--memory-of", f"{loss_name}:{impl_name}",
                        *size_arguments(sizes)]
             if reference_repo is not None:
                 command += ["--reference-repo", str(reference_repo)]
@@ -204,7 +205,7 @@ def size_arguments(sizes: dict) -> list[str]:
 
 # --------------------------------------------------------------- command line
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.losses", description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help=f"tiny sizes {SMALL_SIZE} (seconds; for CI)")
     parser.add_argument("--batch", type=int)
     parser.add_argument("--classes", type=int, help="C, channels of the current model")

@@ -20,8 +20,10 @@ map, 0-20 with a 255 outline). The implementations take turns, repetition after 
 (sample, seed) sequence; the JSON gives min and median images per CPU second (the work of one core: the
 process runs one thread) and per wall-clock second, and the ratios taken repetition by repetition.
 
-    .venv/bin/python benchmarks/pipeline.py --reference-repo /path/to/ECCV2024_MBS
-    .venv/bin/python benchmarks/pipeline.py --small        # seconds: checks that everything runs
+    .venv/bin/python -m benchmarks.pipeline --reference-repo /path/to/ECCV2024_MBS
+    .venv/bin/python -m benchmarks.pipeline --small        # seconds: checks that everything runs
+
+(from the project root).
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported: one core
 
 import argparse  # noqa: E402
-import importlib  # noqa: E402
+import builtins  # noqa: E402
+import importlib.util  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import random  # noqa: E402
@@ -39,6 +42,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
+from types import ModuleType  # noqa: E402
 
 import numpy as np  # noqa: E402
 import PIL  # noqa: E402
@@ -49,7 +53,6 @@ from PIL import Image  # noqa: E402
 from torchvision import tv_tensors  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datasets.incremental import IncrementalSegmentation  # noqa: E402
 from datasets.labels import label_lookup  # noqa: E402
 from utils.ignore import IGNORE_INDEX  # noqa: E402
@@ -175,26 +178,45 @@ class _PreviousPipeline:
             return image, mask.long()
 
 
-def _import_reference(repo: Path):
-    """The reference's ``datasets.voc`` and ``utils.ext_transforms`` modules. Its top-level packages are
-    called ``datasets`` and ``utils`` like ours: ours are set aside while its modules are imported, then
-    put back (the imported functions keep their own module globals)."""
-    ours_modules = {name: module for name, module in sys.modules.items()
-                    if name.split(".")[0] in ("datasets", "utils")}
-    for name in ours_modules:
-        del sys.modules[name]
-    sys.path.insert(0, str(repo))
-    try:
-        return importlib.import_module("datasets.voc"), importlib.import_module("utils.ext_transforms")
-    finally:
-        sys.path.remove(str(repo))
-        for name in [n for n in sys.modules if n.split(".")[0] in ("datasets", "utils")]:
-            del sys.modules[name]
-        sys.modules.update(ours_modules)
+# The reference files the "authors" column runs, by the module name their own code imports them as.
+REFERENCE_FILES = {"utils.tasks": "utils/tasks.py", "utils.ext_transforms": "utils/ext_transforms.py",
+                   "datasets.voc": "datasets/voc.py"}
+# Top-level packages of the reference that are named like ours: an import of these from its code must
+# never reach our modules.
+REFERENCE_PACKAGES = ("utils", "datasets")
+
+
+def load_reference(repo: Path) -> tuple[ModuleType, ModuleType]:
+    """The reference's ``datasets.voc`` and ``utils.ext_transforms`` modules, loaded from their files.
+
+    Its top-level packages are called ``datasets`` and ``utils`` like ours, so importing them by name would
+    give ours (already imported), or theirs in place of ours with the repo on ``sys.path``. Each file is
+    therefore loaded by path under a private name, leaving ``sys.path`` and ``sys.modules`` alone, and the
+    imports inside those files of ``utils.*`` / ``datasets.*`` (voc.py's ``from utils.tasks import ...``)
+    are answered from the reference's files, through an ``__import__`` given to those modules only. Only these
+    three files run: their package ``__init__``s (which import the rest of their code) do not."""
+    loaded: dict[str, ModuleType] = {}
+
+    def reference_import(name, globals=None, locals=None, fromlist=(), level=0):
+        if level == 0 and name.split(".")[0] in REFERENCE_PACKAGES:
+            if name in loaded and fromlist:
+                return loaded[name]
+            raise ImportError(f"benchmarks/pipeline.py does not load the reference's {name!r} "
+                              f"(it loads {', '.join(REFERENCE_FILES)}; `from {name} import ...` only)")
+        return builtins.__import__(name, globals, locals, fromlist, level)
+
+    for name, relative_path in REFERENCE_FILES.items():  # in dependency order: utils.tasks before datasets.voc
+        private_name = "mbs_reference_" + name.replace(".", "_")
+        spec = importlib.util.spec_from_file_location(private_name, repo / relative_path)
+        module = importlib.util.module_from_spec(spec)
+        module.__builtins__ = {**vars(builtins), "__import__": reference_import}  # exec keeps a given one
+        spec.loader.exec_module(module)
+        loaded[name] = module
+    return loaded["datasets.voc"], loaded["utils.ext_transforms"]
 
 
 def authors(root: Path, repo: Path):
-    voc, et = _import_reference(repo)
+    voc, et = load_reference(repo)
     files = split_files("voc", root, "train")
     transform = et.ExtCompose([   # as the reference's main.py builds its training transform
         et.ExtResize(size=CROP_SIZE),
@@ -248,7 +270,7 @@ def measure(implementations: dict, count: int, repeats: int, seed: int) -> dict[
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.pipeline", description=__doc__.splitlines()[0])
     parser.add_argument("--reference-repo", type=Path, default=None,
                         help="a clone of RoadoneP/ECCV2024_MBS; its column is skipped without it")
     parser.add_argument("--images", type=int, default=100, help="samples per repetition")
@@ -268,8 +290,8 @@ def main(argv: list[str] | None = None) -> dict:
                            "ours_before": _PreviousPipeline(root)}
         if args.reference_repo is None:
             skipped.append("authors: no --reference-repo given")
-        elif not (args.reference_repo / "utils" / "ext_transforms.py").is_file():
-            skipped.append(f"authors: {args.reference_repo} has no utils/ext_transforms.py")
+        elif missing := [path for path in REFERENCE_FILES.values() if not (args.reference_repo / path).is_file()]:
+            skipped.append(f"authors: {args.reference_repo} has no {', '.join(missing)}")
         else:
             implementations["authors"] = authors(root, args.reference_repo)
         for message in skipped:

@@ -20,10 +20,12 @@ architecture's recipe (configs/{voc,ade20k}{,_vit}.yaml), from the iterations pe
 plan_step`` over the per-step image counts), the measured seconds per image, and the evaluations the recipe
 runs (the test after each step; the reference's validations for the "best" policy).
 
-    python benchmarks/train_speed.py --device cuda --output speed.json   # the recipes' batches, 512 px
-    python benchmarks/train_speed.py --small --device cpu                # CI size: tiny models, seconds
-    python benchmarks/train_speed.py --device cpu --arch segmenter --batch 1 --val-batch 1 --iters 3 --warmup 1
-    python benchmarks/train_speed.py --arch deeplabv3 --size 256 --batch 2 --compare-finetune 5 --profile
+    python -m benchmarks.train_speed --device cuda --output speed.json   # the recipes' batches, 512 px
+    python -m benchmarks.train_speed --small --device cpu                # CI size: tiny models, seconds
+    python -m benchmarks.train_speed --device cpu --arch segmenter --batch 1 --val-batch 1 --iters 3 --warmup 1
+    python -m benchmarks.train_speed --arch deeplabv3 --size 256 --batch 2 --compare-finetune 5 --profile
+
+(from the project root).
 
 (DeepLab-V3 cannot train at batch 1: the batch norm of its ASPP image-pooling branch needs two images.)
 """
@@ -42,21 +44,20 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import torch
+from torch.utils import flop_counter
+
+from datasets.class_lists import read_class_lists
+from utils.ignore import IGNORE_INDEX
+from datasets.splits import selection_image_ids, step_image_ids
+from datasets.tasks import Task, get_task
+from trainer.engine import device_batch, evaluate, train_iteration
+from trainer.methods import build_method
+from trainer.step import StepRun, TrainState, plan_step, step_models, validation_due
+from utils.config import Config, load_config
+from utils.distributed import DistContext, init_distributed
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-from torch.utils import flop_counter  # noqa: E402
-
-from datasets.class_lists import read_class_lists  # noqa: E402
-from utils.ignore import IGNORE_INDEX  # noqa: E402
-from datasets.splits import selection_image_ids, step_image_ids  # noqa: E402
-from datasets.tasks import Task, get_task  # noqa: E402
-from trainer.engine import device_batch, evaluate, train_iteration  # noqa: E402
-from trainer.methods import build_method  # noqa: E402
-from trainer.step import StepRun, TrainState, plan_step, step_models, validation_due  # noqa: E402
-from utils.config import Config, load_config  # noqa: E402
-from utils.distributed import DistContext, init_distributed  # noqa: E402
 
 # The measured configurations are VOC 15-1 models; the projections use each dataset's recipe.
 RECIPES = {"deeplabv3": {"voc": "configs/voc.yaml", "ade": "configs/ade20k.yaml"},
@@ -373,7 +374,7 @@ WORKERS = {"train": measure_training, "compare": measure_mbs_over_finetune, "pro
 # ------------------------------------------------------------------ orchestration (parent process)
 def run_worker(spec: dict) -> dict:
     """One configuration in a fresh Python process (its peak memory is its own); its JSON result."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(spec)]
+    command = [sys.executable, "-m", "benchmarks.train_speed", "--worker", json.dumps(spec)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         sys.stderr.write(done.stderr)
@@ -479,7 +480,7 @@ def resolve_arguments(args: argparse.Namespace, parser: argparse.ArgumentParser)
 
 
 def argument_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.train_speed", description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--arch", choices=["deeplabv3", "segmenter", "both"], default="both")
     parser.add_argument("--batch", type=int, help="training batch (default: the config's train.batch_size)")
@@ -534,7 +535,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     measured = {arch: measure_architecture(arch, spec, args) for arch in archs}
     load_after = os.getloadavg()
     report = {
-        "benchmark": "benchmarks/train_speed.py", "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "benchmark": "benchmarks.train_speed", "command": " ".join(["python -m benchmarks.train_speed", *sys.argv[1:]]),
         "machine": {**machine_info(torch.device(args.device)), "load_average_1_5_15_before": load_before,
                     "load_average_1_5_15_after": load_after},
         "settings": dict(spec),

@@ -1,4 +1,4 @@
-"""benchmarks/train_speed.py in its CI size: it runs the trainer's path on a CPU and prints JSON with the
+"""python -m benchmarks.train_speed in its CI size: it runs the trainer's path on a CPU and prints JSON with the
 measured and projected numbers (no timing is checked: only that every number is there and positive)."""
 import json
 import subprocess
@@ -9,13 +9,15 @@ import pytest
 from benchmarks import train_speed
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow
+
 ARCHS = ("deeplabv3", "segmenter")
 
 
 @pytest.fixture(scope="module")
 def report():
     """The CI-size command, as a user runs it (each configuration in a process of its own)."""
-    done = subprocess.run([sys.executable, "benchmarks/train_speed.py", "--small", "--device", "cpu"], cwd=ROOT,
+    done = subprocess.run([sys.executable, "-m", "benchmarks.train_speed", "--small", "--device", "cpu"], cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout)

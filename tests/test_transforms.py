@@ -247,7 +247,7 @@ def test_prefetch_factor_reaches_loaders_with_workers():
 
 
 def test_pipeline_benchmark_small_runs():
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "pipeline.py"), "--small"], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", "benchmarks.pipeline", "--small"], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -257,3 +257,39 @@ def test_pipeline_benchmark_small_runs():
         assert set(clocks) == {"cpu", "wall"} and all(clocks[c]["min"] > 0 for c in clocks)
     assert set(report["ratios_per_repetition"]) == {"ours/ours_before", "ours_normalising_on_host/ours_before"}
     assert report["skipped"] == ["authors: no --reference-repo given"]
+
+
+def write_fake_reference(repo: Path, voc_imports: str) -> None:
+    """A stand-in for the authors' clone: top-level ``utils`` and ``datasets`` named like ours, package
+    ``__init__``s that must not run, and a voc.py whose imports are ``voc_imports``."""
+    for package in ("utils", "datasets"):
+        (repo / package).mkdir()
+        (repo / package / "__init__.py").write_text("raise RuntimeError('the reference package __init__ ran')\n")
+    (repo / "utils" / "tasks.py").write_text("def get_tasks(*args):\n    return 'the reference tasks'\n")
+    (repo / "utils" / "ext_transforms.py").write_text("import numpy\n\n\nclass ExtCompose:\n    pass\n")
+    (repo / "datasets" / "voc.py").write_text(voc_imports + "\n\nclass VOCSegmentation:\n    pass\n")
+
+
+def test_pipeline_benchmark_loads_the_reference_beside_our_packages(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # restored afterwards: importing the benchmark sets it for good
+    from benchmarks import pipeline
+    import datasets
+    import utils
+
+    write_fake_reference(tmp_path, "from utils.tasks import get_tasks")
+    path_before = list(sys.path)
+    voc, ext_transforms = pipeline.load_reference(tmp_path)
+    assert voc.get_tasks() == "the reference tasks" and hasattr(ext_transforms, "ExtCompose")
+    assert sys.path == path_before
+    assert sys.modules["utils"] is utils and sys.modules["datasets"] is datasets
+    assert "utils.tasks" not in sys.modules and "datasets.voc" not in sys.modules
+
+
+def test_pipeline_benchmark_never_gives_the_reference_our_modules(tmp_path, monkeypatch):
+    """utils/ignore.py is ours, not one of the reference files loaded: its import fails instead of reaching ours."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    from benchmarks import pipeline
+
+    write_fake_reference(tmp_path, "from utils.ignore import IGNORE_INDEX")
+    with pytest.raises(ImportError, match="utils.ignore"):
+        pipeline.load_reference(tmp_path)
