@@ -1,11 +1,9 @@
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 # The standard class lists live beside the checkout (../shared/data); never in the repository.
 SHARED_DATA = Path(os.environ.get("MBS_SHARED_DATA", ROOT.parent / "shared" / "data"))

@@ -144,6 +144,7 @@ def test_every_bad_sample_is_reported_at_once(data_copy, tmp_path, capsys):
     assert all(str(path) in listed for path in broken)
 
 
+@pytest.mark.slow
 def test_skip_bad_files_trains_and_tests_without_them(data_copy, tmp_path, capsys):
     train_image = missing_image(*sample(data_copy, "train", 2))
     val_label = label_value_77(*sample(data_copy, "val", 1))
@@ -404,6 +405,7 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert torch.equal(ckpt.load(path)["weights"], torch.arange(5))
 
 
+@pytest.mark.slow
 def test_disk_full_during_a_run_is_one_line(data_copy, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch, "save", full_disk_after(10))
     result = run_in_process(main_argv(options(data_copy, tmp_path / "runs")), capsys)

@@ -398,6 +398,7 @@ def run_command(args, env):
     return subprocess.run(args, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_download_voc_sh_uses_the_url_variables(tmp_path, served):
     env = {"MBS_VOC_TRAINVAL_URL": served.url("VOCtrainval.tar"),
            "MBS_VOC_AUG_URL": served.url("SegmentationClassAug.zip")}
@@ -408,6 +409,7 @@ def test_download_voc_sh_uses_the_url_variables(tmp_path, served):
     assert list(split_files("voc", tmp_path, "train").ids) == TRAIN_AUG
 
 
+@pytest.mark.slow
 def test_download_ade20k_py_fails_with_one_line_and_exit_code(tmp_path, served):
     env = {"MBS_ADE_URL": served.url("ADE.zip"), "MBS_ADE_CHECKSUM": "sha1:" + "0" * 40}
     done = run_command([sys.executable, "download_ade20k.py", str(tmp_path)], env)

@@ -88,6 +88,7 @@ def test_tensorboard_images_in_the_given_palette(tmp_path):
     assert np.array_equal(row[:, 4:6], ade_palette()[labels.flip(0).numpy()])
 
 
+@pytest.mark.slow
 def test_figure_from_the_command_line_has_the_grid_size(tiny_run, tmp_path):
     out = tmp_path / "figure.png"
     assert report_main([str(tiny_run), "--qualitative", "3", "--qualitative-out", str(out), "--device", "cpu"]) == 0
@@ -96,6 +97,7 @@ def test_figure_from_the_command_line_has_the_grid_size(tiny_run, tmp_path):
     assert Image.open(out).size == (5 * CELL_PX + LEGEND_COLUMN_PX, 3 * CELL_PX + HEADER_PX)
 
 
+@pytest.mark.slow
 def test_images_deterministic_cover_old_and_new_classes(tiny_run):
     first = qualitative_grid(tiny_run, 3, "cpu")
     second = qualitative_grid(tiny_run, 3, "cpu")
@@ -106,6 +108,7 @@ def test_images_deterministic_cover_old_and_new_classes(tiny_run):
     assert sorted(first.predictions) == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_ground_truth_and_predictions_are_class_ids(tiny_run):
     grid = qualitative_grid(tiny_run, 3, "cpu")
     base = Path(StepCheckpoint.read(*finished_steps(tiny_run)[-1]).cfg.data.root)
@@ -121,6 +124,7 @@ def test_ground_truth_and_predictions_are_class_ids(tiny_run):
             assert set(prediction.unique().tolist()) <= learned
 
 
+@pytest.mark.slow
 def test_tensorboard_gets_the_figure_images(tiny_run, tmp_path):
     class RecordingWriter:
         enabled = True

@@ -160,6 +160,7 @@ def finished_run(data_root, runs_dir):
 
 
 # ------------------------------------------------------------------ 1. end to end
+@pytest.mark.slow
 def test_three_step_run_writes_every_output(finished_run, data_root):
     from datasets.synthetic import CLASS_NAMES
     run_dir, _, result = finished_run
@@ -233,6 +234,7 @@ def test_three_step_run_writes_every_output(finished_run, data_root):
 
 
 # ------------------------------------------------------------------ 2. resume after a kill
+@pytest.mark.slow
 def test_killed_run_resumes_without_retraining(data_root, runs_dir, finished_run):
     # Steps 0 and 1 train on the few images showing class 1 / class 2 (1-2 iterations),
     # step 2 on almost all of them (capped at 8 iterations, an in-step checkpoint every 2).
@@ -320,6 +322,7 @@ def torchrun_command(options: list[str]) -> list[str]:
             "--config", "configs/demo.yaml", "--opt", *options]
 
 
+@pytest.mark.slow
 def test_two_process_run(data_root, runs_dir):
     steps = [list(range(15)), list(range(15, 21))]
     options = run_options(data_root, runs_dir, "dist", steps=steps, max_iters_per_step=2)
@@ -377,6 +380,7 @@ def test_trainer_refuses_indivisible_batch_before_any_work(tmp_path):
 # ------------------------------------------------------------------ 4. eval-only and user errors
 # The error paths run main.main() in-process (see run_in_process); bad keys go through a real
 # subprocess (cheap: main.py reports them before importing torch) to show the exit code and output.
+@pytest.mark.slow
 def test_eval_only_prints_the_step_table(finished_run, capsys):
     run_dir, options, _ = finished_run
     hashes = {p.name: sha256(p) for p in (run_dir / "checkpoints").iterdir()}
@@ -404,6 +408,7 @@ def test_eval_only_without_checkpoints_names_the_missing_file(data_root, runs_di
     assert not (runs_dir / "never_trained").exists()  # eval-only creates nothing
 
 
+@pytest.mark.slow
 def test_second_start_without_resume_is_refused(finished_run, capsys):
     run_dir, options, _ = finished_run
     hashes = {p.name: sha256(p) for p in (run_dir / "checkpoints").iterdir()}
@@ -416,6 +421,7 @@ def test_second_start_without_resume_is_refused(finished_run, capsys):
     assert event_files(run_dir) == events and (run_dir / "results.json").read_text() == results
 
 
+@pytest.mark.slow
 def test_bad_override_key_is_named(data_root, runs_dir):
     result = run(main_command(run_options(data_root, runs_dir, "bad_key") + ["train.learning_rate=0.1"]))
     line = assert_clean_user_error(result)
@@ -512,6 +518,7 @@ def test_a_bug_keeps_its_traceback(data_root, runs_dir, monkeypatch, capsys):
 
 
 # ------------------------------------------------------------------ 6. SIGTERM / SIGINT: stop, save, resume
+@pytest.mark.slow
 def test_sigterm_mid_step_saves_and_resume_redoes_nothing(data_root, runs_dir):
     """Pre-emption sends SIGTERM to every process of the job (loader workers too): the run finishes the
     iteration, writes the in-step checkpoint, exits 143 with one line saying how to resume; the resumed run
@@ -585,6 +592,7 @@ def _agree_on_stop(rank: int, world_size: int, port: int, results) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ranks_agree_on_a_stop_signal_any_rank_received():
     import socket
 
@@ -599,6 +607,7 @@ def test_ranks_agree_on_a_stop_signal_any_rank_received():
 
 
 # ------------------------------------------------------------------ 7. step 0 trained once per family
+@pytest.mark.slow
 def test_second_task_reuses_the_first_tasks_step0(finished_run, data_root, runs_dir, capsys):
     """e2e (15 + 3 + 3 classes, MBS) finished step 0; a 15 + 6 task of another method has the same step 0
     (same classes, images, model, recipe and seed; step 0 is cross-entropy alone for every method)."""
@@ -634,6 +643,7 @@ def test_second_task_reuses_the_first_tasks_step0(finished_run, data_root, runs_
     assert not (runs_dir / "reuse_changed" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_auto_reuse_skips_other_recipes(finished_run, data_root, runs_dir):
     from datasets.tasks import get_task
     from trainer.step0_reuse import find_reusable_step0

@@ -66,6 +66,7 @@ def test_models_from_the_vit_configs_follow_the_reference_recipe(config):
     assert torch.allclose(added_pos_embed(model.encoder, 37, 50), expected, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_main_sh_points_at_the_vit_configs():
     for suite, config in [("voc_vit", "configs/voc_vit.yaml"), ("ade_vit", "configs/ade20k_vit.yaml")]:
         out = subprocess.run(["bash", "main.sh", suite], cwd=ROOT, env={**os.environ, "DRY_RUN": "1", "EXTRA": ""},
@@ -76,6 +77,7 @@ def test_main_sh_points_at_the_vit_configs():
         assert (ROOT / config).is_file()
 
 
+@pytest.mark.slow
 def test_voc_vit_config_runs_end_to_end_with_the_reference_recipe(tmp_path):
     """configs/voc_vit.yaml as shipped (reference crop padding, constant lr, best weights chosen at the reference's
     cadence), only the data and the ViT's size overridden: step 0 has 104 iterations (52 images, batch 4, 8 epochs),
@@ -179,6 +181,7 @@ def vit_run(tmp_path_factory):
     return base / "runs" / "vit"
 
 
+@pytest.mark.slow
 def test_vit_run_writes_three_steps(vit_run):
     assert yaml.safe_load((vit_run / "config.yaml").read_text())["model"]["architecture"] == "segmenter"
     results = json.loads((vit_run / "results.json").read_text())
@@ -191,6 +194,7 @@ def test_vit_run_writes_three_steps(vit_run):
     assert checkpoints == ["step0.pt", "step1.pt", "step2.pt"]  # no partial/best leftovers
 
 
+@pytest.mark.slow
 def test_vit_run_grows_class_embeddings(vit_run):
     states = [torch.load(vit_run / "checkpoints" / f"step{t}.pt", map_location="cpu", weights_only=False)["model"]
               for t in range(3)]
@@ -203,6 +207,7 @@ def test_vit_run_grows_class_embeddings(vit_run):
     assert set(states[0]) < set(states[1]) < set(states[2])
 
 
+@pytest.mark.slow
 def test_vit_run_logs_the_transformer_loss_terms(vit_run):
     """At iteration 1 of step t the class vectors are step t-1's plus copies of its background vector, so the
     logged orthogonal term is known exactly from the step t-1 checkpoint."""

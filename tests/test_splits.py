@@ -22,6 +22,7 @@ SPEC_COUNTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dataset,task,disjoint", list(SPEC_COUNTS))
 def test_spec_counts_via_cli(shared_data, dataset, task, disjoint):
     cmd = [sys.executable, "-m", "datasets.splits", "--dataset", dataset, "--task", task,
@@ -66,6 +67,7 @@ def test_task_shapes():
     assert order[:3] == [0, 12, 9] and order[16:] == [17, 3, 6, 18, 10]
 
 
+@pytest.mark.slow
 def test_unknown_task_lists_known_names():
     with pytest.raises(UnknownTaskError, match="known tasks: .*15-1"):
         get_task("voc", "15-7")

@@ -142,6 +142,7 @@ def test_all_classes_in_train(tmp_path):
         assert set(range(1, 21)) <= seen, split
 
 
+@pytest.mark.slow
 def test_cli(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "datasets.synthetic", "--root", str(tmp_path), "--num-train", "20",

@@ -190,6 +190,7 @@ def crops_of_a_3x5_image(padding: str, seeds=range(300)) -> tuple[set, set]:
     return positions, outside
 
 
+@pytest.mark.slow
 def test_reference_padding_pads_every_side_with_background():
     positions, outside = crops_of_a_3x5_image("reference")
     # 3 on every side: a 9 x 11 canvas, 2 x 4 crop offsets; the content starts 3 in, minus the offset
@@ -197,6 +198,7 @@ def test_reference_padding_pads_every_side_with_background():
     assert outside == {0}
 
 
+@pytest.mark.slow
 def test_ignore_padding_pads_only_what_the_crop_needs_with_ignore():
     positions, outside = crops_of_a_3x5_image("ignore")
     # v2.RandomCrop(pad_if_needed): the 5 missing rows and 3 missing columns, anywhere around
@@ -246,6 +248,7 @@ def test_prefetch_factor_reaches_loaders_with_workers():
     assert eval_loader(Draws(), 2, ctx, num_workers=0, prefetch_factor=3).prefetch_factor is None
 
 
+@pytest.mark.slow
 def test_pipeline_benchmark_small_runs():
     result = subprocess.run([sys.executable, "-m", "benchmarks.pipeline", "--small"], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
