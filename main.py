@@ -12,7 +12,7 @@ import argparse
 import sys
 
 from utils.config import ConfigError, load_config
-from utils.errors import RunInterrupted, UserError, one_line
+from utils.errors import RunInterrupted, StopSignal, UserError, ignore_stop_signals, one_line, stop_signals_raising
 from utils.run_folder import RunFolder, RunFolderError
 
 
@@ -32,6 +32,17 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        with stop_signals_raising():  # a stop signal anywhere ends in one line (the step loop saves first)
+            return run(args)
+    except StopSignal as stop:
+        print(f"stopped by {stop} before the training loop could save anything in progress: every finished step "
+              "is kept; run the same command (with --resume once a step has finished) to continue",
+              file=sys.stderr)
+        return 128 + stop.signum
+
+
+def run(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.opt)
         if not args.eval_only:
@@ -53,15 +64,14 @@ def main(argv=None) -> int:
     try:
         log = setup_logger(None if args.eval_only else RunFolder(cfg.run_dir).log_file, ctx.is_main)
         try:
-            trainer = IncrementalTrainer(cfg, ctx, resume=args.resume)
             if args.eval_only:
+                from trainer.evaluator import evaluate_finished_step
                 from utils.results import format_step_table
-                step = trainer.end_step if args.step is None else args.step
-                summary = trainer.evaluate_checkpoint(step)
+                summary = evaluate_finished_step(cfg, ctx, args.step)
                 if ctx.is_main:
                     print(format_step_table([summary]))
             else:
-                trainer.run()
+                IncrementalTrainer(cfg, ctx, resume=args.resume).run()
                 if ctx.is_main and cfg.train.qualitative_figure:
                     from analysis.figures import write_qualitative_figure
                     write_qualitative_figure(cfg.run_dir, cfg.train.qualitative_figure,
@@ -74,6 +84,7 @@ def main(argv=None) -> int:
             return 2
         except RunInterrupted as stop:  # every rank stopped after the same iteration, its work saved
             failed = False
+            ignore_stop_signals()  # a second Ctrl-C must not cut the clean-up short with a traceback
             log.error("%s; run the same command with --resume to continue from there", stop)
             return 128 + stop.signum
         failed = False

@@ -19,15 +19,11 @@ from typing import Optional
 
 import numpy as np
 import torch
-from torch import nn
 
 from datasets.classes import class_names, dataset_palette
 from datasets.qualitative import chosen_samples, class_ids
-from datasets.tasks import Task
-from models import build_model
 from trainer.engine import predict
-from utils import checkpoint as ckpt
-from utils.config import Config, config_from_dict
+from trainer.evaluator import StepCheckpoint
 from utils.errors import UserError
 from utils.logs import colorize
 from utils.run_folder import RunFolder
@@ -49,32 +45,6 @@ def finished_steps(run_dir: Path) -> list[tuple[int, Path]]:
     if not found:
         raise FigureError(f"{run_dir} has no finished step (no {folder.finished_checkpoint(0).name}, ...) to draw")
     return found
-
-
-@dataclass
-class StepCheckpoint:
-    """A finished step's checkpoint: its weights and the config and task it was trained with."""
-
-    step: int
-    path: Path
-    cfg: Config
-    task: Task
-    weights: dict
-
-    @classmethod
-    def read(cls, step: int, path: Path, data_root: Optional[str] = None) -> "StepCheckpoint":
-        saved = ckpt.load(path, "cpu")
-        cfg = config_from_dict(saved["config"])
-        cfg.model.pretrained = "none"  # every weight comes from the checkpoint: never fetch pretrained ones
-        if data_root is not None:
-            cfg.data.root = data_root
-        task = Task(cfg.data.dataset, cfg.data.task, tuple(tuple(s) for s in saved["task"]))
-        return cls(step, path, cfg, task, saved["model"])
-
-    def model(self, device: torch.device) -> nn.Module:
-        model = build_model(self.cfg.model, self.task.classes_per_step[: self.step + 1], self.cfg.data.crop_size)
-        ckpt.load_model_weights(model, self.weights, str(self.path))
-        return model.to(device)
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

@@ -37,7 +37,7 @@ from typing import Optional
 import yaml
 
 from utils.config import MethodConfig
-from utils.errors import UserError
+from utils.errors import UserError, one_line
 from utils.files import atomic_write_text
 from utils.run_folder import RunFolder, RunFolderError
 from utils.results import MEAN_COLUMNS, METRIC_NOTE, REFERENCE_COLUMN, markdown_table, mean_columns, percent
@@ -48,7 +48,7 @@ PUBLISHED_FILE = Path(__file__).resolve().parents[1] / "benchmarks" / "published
 
 
 class ReportError(UserError, ValueError):
-    """The published-numbers file is malformed."""
+    """The published-numbers file is malformed, or an output path cannot be written."""
 
 
 # ------------------------------------------------------------------ run folders
@@ -439,6 +439,37 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--device", default="auto", help="device for --qualitative: auto, cpu, cuda, cuda:1 ...")
     parser.add_argument("--data-root", help="the dataset root for --qualitative, if not the run's data.root")
     args = parser.parse_args(argv)
+    try:
+        return report(args)
+    except UserError as err:  # an output that cannot be written, a malformed published file: one line
+        print(f"error: {one_line(err)}", file=sys.stderr)
+        return 2
+
+
+def check_output_path(path: Optional[Path], option: str, image: bool = False) -> None:
+    """Refuse, before any work, an output path that is a folder, lies under a file, or (``image``) has a suffix
+    matplotlib cannot write."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise ReportError(f"{option} {path}: is a folder; give a file name")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ReportError(f"{option} {path}: {parent} is a file, not a folder")
+            break
+    if image:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        formats = FigureCanvasAgg.get_supported_filetypes()
+        if path.suffix.lstrip(".").lower() not in formats:
+            raise ReportError(f"{option} {path}: matplotlib cannot write {path.suffix or 'a file without suffix'!r} "
+                              f"images; use one of {', '.join('.' + f for f in sorted(formats))}")
+
+
+def report(args: argparse.Namespace) -> int:
+    check_output_path(args.out, "--out")
+    check_output_path(args.plot, "--plot", image=True)
+    check_output_path(args.qualitative_out, "--qualitative-out", image=True)
     collected = collect_runs(args.run_dirs)
     for message in collected.skipped:
         print(f"note: {message}", file=sys.stderr)
@@ -447,11 +478,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not collected.runs:
         print("error: none of the given run folders has results", file=sys.stderr)
         return 2
-    try:
-        published = load_published(args.published) if args.published else None
-    except ReportError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    published = load_published(args.published) if args.published else None
     table = summary_markdown(collected, published)
     for path in (args.out, args.plot):
         if path is not None:

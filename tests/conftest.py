@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import IMAGE_SIZE, NUM_TRAIN, NUM_VAL, ROOT, describe, main_command, run, run_options
 
 # The standard class lists live beside the checkout (../shared/data); never in the repository.
 SHARED_DATA = Path(os.environ.get("MBS_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -17,3 +17,28 @@ def shared_data() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return SHARED_DATA
+
+
+# ------------------------------------------------------------------ tiny runs shared by several test modules
+@pytest.fixture(scope="session")
+def data_root(tmp_path_factory) -> Path:
+    """The tiny synthetic dataset, generated once per session and read by every end-to-end run."""
+    from datasets.synthetic import generate
+    root = tmp_path_factory.mktemp("synthetic")
+    generate(root, num_train=NUM_TRAIN, num_val=NUM_VAL, image_size=IMAGE_SIZE, seed=0, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def runs_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+@pytest.fixture(scope="session")
+def finished_run(data_root, runs_dir):
+    """An uninterrupted 3-step run (15 + 3 + 3 classes, 3 iterations per step), trained once per session and
+    read by the end-to-end, eval-only, resume and checkpoint-trust tests (a test that changes it works on a copy)."""
+    options = run_options(data_root, runs_dir, "e2e")
+    result = run(main_command(options))
+    assert result.returncode == 0, describe(result)
+    return runs_dir / "e2e", options, result

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from datasets.layout import split_files
-from tests.test_main_e2e import (
+from tests.helpers import (
     assert_clean_user_error, describe, error_lines, main_argv, run_in_process, run_options,
 )
 
@@ -268,14 +268,19 @@ def test_cuda_without_cuda_is_a_config_error(tmp_path, capsys, monkeypatch):
 
 # ------------------------------------------------------------------ 3. run folders
 def fake_finished_run(runs: Path, data: Path) -> Path:
-    """A run folder as a finished step leaves it: the saved config and a step checkpoint (never read:
-    the refusal comes first)."""
-    from utils.config import load_config, save_config
-    from tests.test_main_e2e import ROOT
+    """A run folder as a finished step leaves it: the saved config and a step checkpoint with the record
+    (config and task) every finished step carries; its weights are never read (the refusal comes first)."""
+    from datasets.tasks import get_task
+    from utils.checkpoint import save_atomic
+    from utils.config import config_to_dict, config_yaml, load_config
+    from tests.helpers import ROOT
     run_dir = runs / "run"
     (run_dir / "checkpoints").mkdir(parents=True)
-    save_config(load_config(ROOT / "configs" / "demo.yaml", options(data, runs)), run_dir / "config.yaml")
-    (run_dir / "checkpoints" / "step0.pt").write_bytes(b"a finished step")
+    cfg = load_config(ROOT / "configs" / "demo.yaml", options(data, runs))
+    (run_dir / "config.yaml").write_text(config_yaml(cfg))
+    task = get_task(cfg.data.dataset, cfg.data.task, cfg.data.custom_steps)
+    save_atomic({"model": {}, "metrics": {"step": 0}, "step": 0, "config": config_to_dict(cfg),
+                 "task": [list(s) for s in task.steps]}, run_dir / "checkpoints" / "step0.pt")
     return run_dir
 
 
@@ -298,12 +303,12 @@ def test_resume_with_another_experiment_is_refused(tmp_path, capsys, override, k
 def test_resume_with_another_harmless_key_only_warns(tmp_path, caplog):
     from utils.config import load_config
     from utils.run_folder import RunFolder
-    from tests.test_main_e2e import ROOT
+    from tests.helpers import ROOT
     run_dir = fake_finished_run(tmp_path / "runs", tmp_path / "data")
     changed = options(tmp_path / "data", tmp_path / "runs") + ["data.num_workers=3", "train.log_interval=7"]
     cfg = load_config(ROOT / "configs" / "demo.yaml", changed)
     with caplog.at_level(logging.WARNING, logger="test"):
-        RunFolder(run_dir).prepare(cfg, resume=True, log=logging.getLogger("test"))
+        RunFolder(run_dir).prepare(cfg, ONE_STEP, resume=True, log=logging.getLogger("test"))
     warning = " ".join(record.getMessage() for record in caplog.records)
     assert "do not change results" in warning and "data.num_workers: 0 -> 3" in warning
     assert "train.log_interval: 1 -> 7" in warning

@@ -8,155 +8,19 @@ process make a training iteration many times slower, not faster.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-NUM_TRAIN, NUM_VAL, IMAGE_SIZE = 60, 20, 32
-STEPS_3 = [list(range(15)), [15, 16, 17], [18, 19, 20]]
-RUN_TIMEOUT = 420  # seconds; a hung run (e.g. a collective waiting forever) fails instead of blocking the suite
-
-
-# ------------------------------------------------------------------ helpers
-def subprocess_env() -> dict:
-    env = dict(os.environ)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # never inherit a launcher's
-        env.pop(key, None)
-    env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
-    return env
-
-
-def run_options(data_root: Path, output_dir: Path, name: str, steps=STEPS_3, **train) -> list[str]:
-    """--opt overrides of configs/demo.yaml for a tiny CPU run; everything the assertions rely on
-    is set here, so an edit of the demo config does not change what these tests check."""
-    options = [
-        f"name={name}", f"output_dir={output_dir}", "device=cpu", "seed=0",
-        f"data.root={data_root}", "data.synthetic.enabled=true", f"data.synthetic.num_train={NUM_TRAIN}",
-        f"data.synthetic.num_val={NUM_VAL}", f"data.synthetic.image_size={IMAGE_SIZE}", "data.synthetic.seed=0",
-        f"data.base_size={IMAGE_SIZE}", f"data.crop_size={IMAGE_SIZE}", "data.eval_mode=center_crop",
-        f"data.custom_steps={json.dumps(steps)}", "data.setting=overlapped", "data.num_workers=0",
-        "model.architecture=deeplabv3", "model.backbone=resnet18", "model.pretrained=none", "model.output_stride=16",
-        "model.head_channels=16", "method.name=mbs",
-        "train.batch_size=4", "train.val_batch_size=10", "train.log_interval=1", "train.validation=none",
-        "train.checkpoint_policy=last", "train.qualitative_figure=null",  # demo.yaml's figure goes to fig/
-    ]
-    # one epoch per step: 13 / 4 / 4 iterations for the default steps, capped at 3
-    train = {"max_iters_per_step": 3, "epochs": 1, "epochs_incremental": 1, "checkpoint_interval": 100, **train}
-    options += [f"train.{key}={value}" for key, value in train.items()]
-    return options
-
-
-def main_command(options: list[str], *flags: str) -> list[str]:
-    return [sys.executable, "main.py", "--config", "configs/demo.yaml", *flags, "--opt", *options]
-
-
-def run(command: list[str], timeout: float = RUN_TIMEOUT) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
-
-
-def run_in_process(argv: list[str], capsys) -> subprocess.CompletedProcess:
-    """``main.main(argv)`` in this process (its return value is the exit code ``sys.exit`` gets), with the
-    output captured: the user-error paths without paying a fresh torch import per test."""
-    import logging
-
-    import main as main_module
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    capsys.readouterr()
-    try:
-        code = main_module.main(argv)
-    finally:
-        torch.set_num_threads(threads)
-        logger = logging.getLogger("mbs")
-        for handler in logger.handlers:  # the run's log file stays open otherwise
-            handler.close()
-        logger.handlers.clear()
-    captured = capsys.readouterr()
-    return subprocess.CompletedProcess(argv, code, captured.out, captured.err)
-
-
-def main_argv(options: list[str], *flags: str) -> list[str]:
-    return ["--config", str(ROOT / "configs" / "demo.yaml"), *flags, "--opt", *options]
-
-
-def describe(result: subprocess.CompletedProcess) -> str:
-    return (f"exit code {result.returncode}\n--- stdout (tail) ---\n{result.stdout[-3000:]}\n"
-            f"--- stderr (tail) ---\n{result.stderr[-3000:]}")
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def file_set(run_dir: Path) -> set[str]:
-    """Every file of a run folder (hidden ones too), event files by pattern (their names hold time and pid)."""
-    names = set()
-    for path in run_dir.rglob("*"):
-        if path.is_file():
-            relative = path.relative_to(run_dir).as_posix()
-            if relative.startswith("tensorboard/events.out.tfevents."):
-                relative = "tensorboard/events.out.tfevents.*"
-            names.add(relative)
-    return names
-
-
-def event_files(run_dir: Path) -> set[Path]:
-    return set((run_dir / "tensorboard").glob("events.out.tfevents.*"))
-
-
-def scalars(event_file: Path) -> dict[str, list[int]]:
-    """tag -> the steps at which it was logged, read with tensorboard's own reader."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    accumulator = EventAccumulator(str(event_file), size_guidance={"scalars": 0})
-    accumulator.Reload()
-    return {tag: [event.step for event in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
-
-
-def error_lines(result: subprocess.CompletedProcess) -> list[str]:
-    return [line for line in result.stderr.splitlines() if " ERROR " in line or line.startswith("config error")]
-
-
-def assert_clean_user_error(result: subprocess.CompletedProcess) -> str:
-    """Exit code 2, no traceback, exactly one error line; returns that line."""
-    assert result.returncode == 2, describe(result)
-    assert "Traceback" not in result.stdout + result.stderr, describe(result)
-    lines = error_lines(result)
-    assert len(lines) == 1, describe(result)
-    return lines[0]
-
-
-# ------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="session")
-def data_root(tmp_path_factory) -> Path:
-    """The tiny synthetic dataset, generated once and read by every run of this file."""
-    from datasets.synthetic import generate
-    root = tmp_path_factory.mktemp("synthetic")
-    generate(root, num_train=NUM_TRAIN, num_val=NUM_VAL, image_size=IMAGE_SIZE, seed=0, progress=False)
-    return root
-
-
-@pytest.fixture(scope="session")
-def runs_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("runs")
-
-
-@pytest.fixture(scope="session")
-def finished_run(data_root, runs_dir):
-    """An uninterrupted 3-step run (15 + 3 + 3 classes, 3 iterations per step)."""
-    options = run_options(data_root, runs_dir, "e2e")
-    result = run(main_command(options))
-    assert result.returncode == 0, describe(result)
-    return runs_dir / "e2e", options, result
+from tests.helpers import (ROOT, STEPS_3, RUN_TIMEOUT, subprocess_env, run_options, main_command, run, run_in_process, main_argv, describe, sha256, file_set, event_files, scalars, assert_clean_user_error)
 
 
 # ------------------------------------------------------------------ 1. end to end
@@ -171,7 +35,7 @@ def test_three_step_run_writes_every_output(finished_run, data_root):
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step0.pt", "step1.pt", "step2.pt"]
     previous_backbone = None
     for step in range(3):
-        saved = torch.load(checkpoints / f"step{step}.pt", map_location="cpu", weights_only=False)
+        saved = torch.load(checkpoints / f"step{step}.pt", map_location="cpu", weights_only=True)
         assert {"model", "config", "metrics", "task"} <= saved.keys()
         # the optimiser's state is the in-step checkpoint's business: nothing reads it once a step is finished
         assert "optimizer" not in saved and "scaler" not in saved
@@ -205,7 +69,7 @@ def test_three_step_run_writes_every_output(finished_run, data_root):
     assert steps[0]["miou_new"] is None  # nothing is new at step 0
     assert all(0.0 <= s["miou_new"] <= 1.0 for s in steps[1:])
     for step in range(3):  # results.json and the checkpoints agree
-        saved = torch.load(checkpoints / f"step{step}.pt", map_location="cpu", weights_only=False)
+        saved = torch.load(checkpoints / f"step{step}.pt", map_location="cpu", weights_only=True)
         assert saved["metrics"]["miou_all"] == steps[step]["miou_all"]
     table = (run_dir / "results.md").read_text()
     assert "| step |" in table
@@ -267,7 +131,7 @@ def test_killed_run_resumes_without_retraining(data_root, runs_dir, finished_run
     if (checkpoints / "step2.pt").exists():
         pytest.fail("precondition: the run was to be killed inside step 2, but step2.pt exists already "
                     "(step 2 finished before the kill; give it more iterations)")
-    killed_at = torch.load(partial, map_location="cpu", weights_only=False)["train_state"]["iteration"]
+    killed_at = torch.load(partial, map_location="cpu", weights_only=True)["train_state"]["iteration"]
     if not 0 < killed_at < total:
         pytest.fail(f"precondition: the in-step checkpoint should be from inside step 2, it is at {killed_at}")
     hashes = {name: sha256(checkpoints / name) for name in ("step0.pt", "step1.pt")}
@@ -307,9 +171,9 @@ def test_killed_run_resumes_without_retraining(data_root, runs_dir, finished_run
                                              epochs_incremental=1, max_iters_per_step=total,
                                              checkpoint_interval=2)))
     assert reference.returncode == 0, describe(reference)
-    resumed = torch.load(checkpoints / "step2.pt", map_location="cpu", weights_only=False)
+    resumed = torch.load(checkpoints / "step2.pt", map_location="cpu", weights_only=True)
     uninterrupted = torch.load(runs_dir / "resume_reference" / "checkpoints" / "step2.pt", map_location="cpu",
-                               weights_only=False)
+                               weights_only=True)
     assert resumed["model"].keys() == uninterrupted["model"].keys()
     for key, value in uninterrupted["model"].items():
         assert torch.equal(resumed["model"][key], value), f"{key} differs from the uninterrupted run's"
@@ -534,7 +398,9 @@ def test_sigterm_mid_step_saves_and_resume_redoes_nothing(data_root, runs_dir):
                                    stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + RUN_TIMEOUT
-            while "step2 epoch 1:  10%" not in first_log.read_text(errors="replace"):  # 3 of 30 done
+            # 3 of 30 done: tqdm's bar may skip a count (it updates n in batches), so read the count, not a text
+            while max(map(int, re.findall(r"step2 epoch 1: .*?\| (\d+)/30", first_log.read_text(errors="replace"))),
+                      default=0) < 3:
                 if process.poll() is not None or time.monotonic() > deadline:
                     pytest.fail(f"the run never reached step 2 iteration 3:\n{first_log.read_text()[-3000:]}")
                 time.sleep(0.02)
@@ -551,7 +417,7 @@ def test_sigterm_mid_step_saves_and_resume_redoes_nothing(data_root, runs_dir):
     assert len(lines) == 1 and "SIGTERM received: stopped after iteration" in lines[0] and "--resume" in lines[0]
     stopped_at = int(lines[0].split("stopped after iteration ")[1].split()[0])
     partial = run_dir / "checkpoints" / "step2_partial.pt"
-    saved = torch.load(partial, map_location="cpu", weights_only=False)
+    saved = torch.load(partial, map_location="cpu", weights_only=True)
     assert saved["train_state"]["iteration"] == stopped_at and 3 <= stopped_at < total
     assert not (run_dir / "checkpoints" / "step2.pt").exists()
 
@@ -567,9 +433,9 @@ def test_sigterm_mid_step_saves_and_resume_redoes_nothing(data_root, runs_dir):
                                              epochs_incremental=2, max_iters_per_step=total,
                                              checkpoint_interval=100) + ["data.num_workers=1"]))
     assert reference.returncode == 0, describe(reference)
-    resumed = torch.load(run_dir / "checkpoints" / "step2.pt", map_location="cpu", weights_only=False)["model"]
+    resumed = torch.load(run_dir / "checkpoints" / "step2.pt", map_location="cpu", weights_only=True)["model"]
     uninterrupted = torch.load(runs_dir / "sigterm_reference" / "checkpoints" / "step2.pt", map_location="cpu",
-                               weights_only=False)["model"]
+                               weights_only=True)["model"]
     for key, value in uninterrupted.items():
         assert torch.equal(resumed[key], value), f"{key} differs from the uninterrupted run's"
 
@@ -619,8 +485,8 @@ def test_second_task_reuses_the_first_tasks_step0(finished_run, data_root, runs_
     assert result.returncode == 0, describe(result)
     assert f"step 0: reusing {source}" in result.stdout and "step 0: trained" not in result.stdout
     assert "step 1: trained" in result.stdout
-    reused = torch.load(runs_dir / "reuse" / "checkpoints" / "step0.pt", map_location="cpu", weights_only=False)
-    original = torch.load(source, map_location="cpu", weights_only=False)
+    reused = torch.load(runs_dir / "reuse" / "checkpoints" / "step0.pt", map_location="cpu", weights_only=True)
+    original = torch.load(source, map_location="cpu", weights_only=True)
     assert reused["model"].keys() == original["model"].keys()
     assert all(torch.equal(reused["model"][k], v) for k, v in original["model"].items())
     assert reused["step0_recipe_hash"] == original["step0_recipe_hash"]

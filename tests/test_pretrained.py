@@ -14,7 +14,7 @@ import torch
 
 from models.backbones import PretrainedWeightsError, ResNetBackbone
 from models.segmenter import Segmenter
-from tests.test_main_e2e import assert_clean_user_error, main_argv, run_in_process
+from tests.helpers import assert_clean_user_error, main_argv, run_in_process
 
 TINY_VIT = {"embed_dim": 32, "depth": 1, "num_heads": 2, "patch_size": 8}
 HF_REPOSITORY = "models--timm--vit_base_patch16_384.augreg_in21k_ft_in1k"  # timm's default weights of the ViT

@@ -196,7 +196,7 @@ def test_vit_run_writes_three_steps(vit_run):
 
 @pytest.mark.slow
 def test_vit_run_grows_class_embeddings(vit_run):
-    states = [torch.load(vit_run / "checkpoints" / f"step{t}.pt", map_location="cpu", weights_only=False)["model"]
+    states = [torch.load(vit_run / "checkpoints" / f"step{t}.pt", map_location="cpu", weights_only=True)["model"]
               for t in range(3)]
     for t, state in enumerate(states):
         blocks = sorted(k for k in state if k.startswith("class_embeddings."))
@@ -223,7 +223,7 @@ def test_vit_run_logs_the_transformer_loss_terms(vit_run):
             assert len(values) == 3 and all(v == v and v >= 0 for v in values), (step, term, values)
         num_old += len(STEPS[step - 1])
         previous = torch.load(vit_run / "checkpoints" / f"step{step - 1}.pt", map_location="cpu",
-                              weights_only=False)["model"]
+                              weights_only=True)["model"]
         old_vectors = torch.cat([previous[f"class_embeddings.{k}"][0] for k in range(step)])
         vectors = torch.cat([old_vectors, old_vectors[:1].expand(len(STEPS[step]), -1)])
         first = events.Scalars(f"step{step}/loss/ortho")[0]

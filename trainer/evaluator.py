@@ -1,19 +1,33 @@
 """Evaluation around a step: validation during it (a score to pick the step's weights by) and the test after it
-(the spec's numbers). Neither writes a file: keeping the best weights is the trainer's business."""
+(the spec's numbers). Neither writes a file: keeping the best weights is the trainer's business.
+
+A finished step is scored again (``--eval-only``) with the config and task it was trained with, read from its
+checkpoint (:class:`StepCheckpoint`): only where the data is and how the run executes come from the command
+line, so another class order or crop size on the command line cannot score it as something it is not.
+"""
 from __future__ import annotations
 
 import numpy as np
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
 from torch import nn
 
 from datasets.classes import class_names, dataset_palette
 from datasets.incremental import selection_dataset, val_dataset
 from datasets.qualitative import chosen_samples, class_ids
-from datasets.tasks import Task
+from datasets.tasks import Task, get_task
 from datasets.transforms import eval_transforms_for
-from utils.config import Config
-from utils.distributed import DistContext
+from datasets.preflight import ensure_synthetic_data
+from models import build_model
+from utils import checkpoint as ckpt
+from utils.config import HARMLESS_KEYS, Config, ConfigError, config_from_dict, config_value
+from utils.distributed import DistContext, run_on_main
 from utils.logs import TensorboardWriter, get_logger
 from utils.metrics import ConfusionMatrix, class_iou, summarize
+from utils.run_folder import RunFolder, config_differences
 
 from .engine import evaluate, predict
 from .loaders import eval_loader
@@ -104,3 +118,74 @@ def log_qualitative_to_tensorboard(writer: TensorboardWriter, model: nn.Module, 
     for index, (image, label), prediction in zip(indices, samples, predictions):
         writer.segmentation_images(f"qualitative/{dataset.ids[index]}", image.float() / 255,
                                    class_ids(label, task), class_ids(prediction, task), step, palette)
+
+
+@dataclass
+class StepCheckpoint:
+    """A finished step's checkpoint: its weights and the config and task it was trained with."""
+
+    step: int
+    path: Path
+    cfg: Config
+    task: Task
+    weights: dict
+
+    @classmethod
+    def read(cls, step: int, path: Path, data_root: Optional[str] = None,
+             execution: Optional[Config] = None) -> "StepCheckpoint":
+        """``execution``: take the keys that do not change results (where the data is, device, workers, batch
+        sizes for evaluation, ...) from this config instead; ``data_root`` overrides data.root."""
+        saved = ckpt.load(path, "cpu")
+        missing = [key for key in ("model", "config", "task") if key not in saved]
+        if missing:
+            raise ckpt.CheckpointError(f"checkpoint {str(path)!r} lacks {', '.join(missing)}: not a finished step "
+                                       "of this project")
+        try:
+            cfg = config_from_dict(saved["config"])
+        except ConfigError as err:
+            raise ckpt.CheckpointError(f"checkpoint {str(path)!r} records a config this version cannot read: "
+                                       f"{err}") from None
+        if execution is not None:
+            for key in HARMLESS_KEYS:
+                set_config_value(cfg, key, config_value(execution, key))
+        cfg.model.pretrained = "none"  # every weight comes from the checkpoint: never fetch pretrained ones
+        if data_root is not None:
+            cfg.data.root = data_root
+        task = Task(cfg.data.dataset, cfg.data.task, tuple(tuple(s) for s in saved["task"]))
+        return cls(step, path, cfg, task, saved["model"])
+
+    def model(self, device: torch.device) -> nn.Module:
+        model = build_model(self.cfg.model, self.task.classes_per_step[: self.step + 1], self.cfg.data.crop_size)
+        ckpt.load_model_weights(model, self.weights, str(self.path))
+        return model.to(device)
+
+
+def set_config_value(cfg: Config, key: str, value) -> None:
+    section, _, name = key.rpartition(".")
+    setattr(config_value(cfg, section) if section else cfg, name, value)
+
+
+def evaluate_finished_step(cfg: Config, ctx: DistContext, step: Optional[int] = None) -> dict:
+    """--eval-only: test the finished checkpoint of ``step`` (default: the task's last step) with the config and
+    task it was trained with; the command line's experiment keys that differ are named in a warning."""
+    task = get_task(cfg.data.dataset, cfg.data.task, cfg.data.custom_steps)
+    step = (task.num_steps - 1 if cfg.end_step is None else cfg.end_step) if step is None else step
+    if not 0 <= step < task.num_steps:
+        raise ConfigError(f"--step {step} is outside task {task.name} (steps 0..{task.num_steps - 1})")
+    folder = RunFolder(cfg.run_dir)
+    path = folder.finished_checkpoint(step)
+    if not path.is_file():
+        raise ckpt.CheckpointError(f"step {step} has no finished checkpoint: {path} does not exist "
+                                   f"(is {folder.path} the run folder, and has it finished step {step}?)")
+    finished = StepCheckpoint.read(step, path, execution=cfg)
+    differences = config_differences(finished.cfg, cfg)
+    ignored = {key: values for key, values in differences.items() if key not in HARMLESS_KEYS
+               and key != "model.pretrained"}
+    if ignored:
+        get_logger().warning("--eval-only scores step %d with the config it was trained with (%s); the command line "
+                             "differs in: %s", step, path,
+                             "; ".join(f"{key}: {now!r} (command line) vs {saved!r} (trained)"
+                                       for key, (saved, now) in ignored.items()))
+    run_on_main(ctx, lambda: ensure_synthetic_data(finished.cfg.data))
+    evaluator = StepEvaluator(finished.cfg, finished.task, ctx, TensorboardWriter(None, False))
+    return evaluator.test(finished.model(ctx.device), step)

@@ -21,7 +21,7 @@ import torch
 
 from datasets.classes import dataset_palette
 from datasets.incremental import IncrementalSegmentation, train_dataset
-from datasets.preflight import ensure_synthetic_data, prepare_run_data
+from datasets.preflight import prepare_run_data
 from datasets.tasks import get_task
 from datasets.transforms import train_transforms
 from models import build_model
@@ -78,7 +78,8 @@ class IncrementalTrainer:
 
     # ----------------------------------------------------------------- steps
     def run(self) -> list[dict]:
-        run_on_main(self.ctx, lambda: self.folder.prepare(self.cfg, self.resume, self.log))
+        run_on_main(self.ctx, lambda: self.folder.prepare(self.cfg, [list(s) for s in self.task.steps], self.resume,
+                                                             self.log))
         # on rank 0 first, so ranks never race; a data error found there is raised on every rank
         self.skipped_bad_files = run_on_main(
             self.ctx, lambda: prepare_run_data(self.cfg.data, self.folder.bad_files_list, self.log)) or {}
@@ -122,7 +123,7 @@ class IncrementalTrainer:
 
     def reuse_step0(self, source: Path) -> dict:
         """Step 0 from another run with the same step-0 recipe: its weights, tested here."""
-        self.log.info("step 0: reusing %s (same dataset, step-0 classes, setting, model, step-0 recipe and seed)",
+        self.log.info("step 0: reusing %s (same training data, step-0 classes, setting, model, step-0 recipe and seed)",
                       source)
         saved = ckpt.load(source)
         model = self.model_for_step(0)
@@ -259,18 +260,5 @@ class IncrementalTrainer:
                 "checkpoint_policy": cfg.train.checkpoint_policy, "eval_mode": cfg.data.eval_mode,
                 "base_size": cfg.data.base_size, "crop_size": cfg.data.crop_size,
                 "steps": [list(s) for s in self.task.steps], "processes": self.ctx.world_size,
+                "threads": torch.get_num_threads(),  # CPU results depend on it (the order of float sums)
                 "skipped_bad_files": self.skipped_bad_files}
-
-    def evaluate_checkpoint(self, step: int) -> dict:
-        """--eval-only: test the finished checkpoint of ``step``."""
-        if not 0 <= step < self.task.num_steps:
-            raise ConfigError(f"--step {step} is outside task {self.task.name} (steps 0..{self.task.num_steps - 1})")
-        path = self.folder.finished_checkpoint(step)
-        if not path.is_file():
-            raise ckpt.CheckpointError(f"step {step} has no finished checkpoint: {path} does not exist "
-                                       f"(is {self.folder.path} the run folder, and has it finished step {step}?)")
-        saved = ckpt.load(path, "cpu")
-        model = self.model_for_step(step)
-        ckpt.load_model_weights(model, saved["model"], str(path))
-        run_on_main(self.ctx, lambda: ensure_synthetic_data(self.cfg.data))
-        return self.evaluator.test(model.to(self.ctx.device), step)

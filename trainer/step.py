@@ -22,10 +22,16 @@ from models import build_model
 from models.base import IncrementalSegmenter
 from utils.checkpoint import CheckpointError, load_model_weights
 from utils.distributed import DistContext, all_gather_object, random_state, set_random_state
+from utils.errors import UserError
 from utils.logs import get_logger
 
 from .loaders import iterations_per_epoch
 from .methods import IncrementalMethod
+
+
+class LossNotFiniteError(UserError, FloatingPointError):
+    """Training diverged (a recipe the data cannot take, e.g. a learning rate too high): the weights since the
+    last check are not saved."""
 
 
 @dataclass
@@ -198,7 +204,7 @@ class StepRun:
         self.nonfinite_losses.zero_()
         self.checked_iteration = last
         if count and not self.scaler.is_enabled():
-            raise FloatingPointError(f"step {self.step}: the loss was not finite in {count} of the iterations "
+            raise LossNotFiniteError(f"step {self.step}: the loss was not finite in {count} of the iterations "
                                      f"{first}..{last} (lower the learning rate, or check the data)")
         if count:
             get_logger().warning("step %d: the gradient scaler skipped %d of the iterations %d..%d (fp16 "

@@ -16,9 +16,9 @@ import json
 from pathlib import Path
 from typing import Optional
 
-import torch
-
+from datasets.class_lists import load_class_lists
 from datasets.tasks import Task
+from utils import checkpoint as ckpt
 from utils.checkpoint import CheckpointError
 from utils.config import STEP0_KEYS, Config
 from utils.run_folder import RunFolder
@@ -35,9 +35,21 @@ def step0_recipe(cfg: Config, task: Task) -> dict:
     recipe["data"]["step0_classes"] = list(task.steps[0])  # in order: channel k is class steps[0][k]
     recipe["data"]["synthetic"] = (dataclasses.asdict(cfg.data.synthetic) if cfg.data.synthetic.enabled
                                    else None)
+    recipe["data"]["training_data"] = training_data_identity(cfg)
     recipe["model"] = dataclasses.asdict(cfg.model)
     recipe["seed"] = cfg.seed
     return recipe
+
+
+def training_data_identity(cfg: Config) -> str:
+    """What step 0 was trained on, cheap and stable: a hash of the training split's image ids and each image's
+    class list (the ones this run uses: derived from the labels and cached, or data.class_lists). Data moved to
+    another folder keeps it; another dataset, another split list or other labels change it."""
+    data = cfg.data
+    files, lists = load_class_lists(data.dataset, data.root, "train", data.class_lists, data.cache_dir,
+                                    progress=False, skip_bad_files=data.skip_bad_files)
+    listed = [[image_id, sorted(lists.get(image_id, ()))] for image_id in sorted(files.ids)]
+    return hashlib.sha256(json.dumps(listed).encode()).hexdigest()
 
 
 def recipe_hash(recipe: dict) -> str:
@@ -59,11 +71,7 @@ def recipe_differences(mine: dict, theirs: dict, prefix: str = "") -> list[str]:
 def _saved_recipe(path: Path) -> Optional[dict]:
     """The recipe stored in a finished step-0 checkpoint (None for one written before recipes existed).
     Memory-mapped: the weights are not read."""
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:  # a foreign or broken file
-        raise CheckpointError(f"checkpoint {str(path)!r} could not be read: {err}") from err
-    return saved.get("step0_recipe")
+    return ckpt.load(path, mmap=True).get("step0_recipe")
 
 
 def find_reusable_step0(cfg: Config, task: Task, folder: RunFolder) -> Optional[Path]:

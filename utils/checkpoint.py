@@ -1,11 +1,16 @@
-"""Checkpoint I/O: written atomically (temporary file in the same folder, then rename), read with one clear
-error, loaded into a model with a check of its keys.
+"""Checkpoint I/O: written atomically (temporary file in the same folder, then rename), read safely with one
+clear error, loaded into a model with a check of its keys.
+
+Checkpoints hold only tensors, plain containers (dict, list, tuple) and primitives, and are read with
+``torch.load(weights_only=True)``: a file someone hands you (``train.step0_checkpoint``, a run folder you
+copied) cannot run code when it is loaded; one that needs more than that is refused.
 
 Where each checkpoint lives is :class:`utils.run_folder.RunFolder`'s business. A failed write (disk full)
 leaves the previous version of the file and raises :class:`utils.files.FileWriteError`.
 """
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -25,14 +30,29 @@ def save_atomic(state: dict[str, Any], path: Path) -> None:
     atomic_write(path, lambda file: torch.save(state, file))
 
 
-def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load(path: Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:
+    """The content of a checkpoint (``mmap``: tensors are mapped, not read, e.g. to look at its record only)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:  # corrupt or foreign file
-        raise CheckpointError(f"checkpoint {str(path)!r} could not be read: {err}") from err
+        saved = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:  # the safe unpickler met something that is not weights
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {str(path)!r} was refused: it holds more than tensors and plain values "
+                              f"(checkpoints are loaded with weights_only=True, so that loading runs no code): "
+                              f"{first_line}") from None
+    except Exception as err:  # corrupt, truncated or foreign file
+        raise CheckpointError(f"checkpoint {str(path)!r} could not be read: {one_line_of(err)}") from err
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"checkpoint {str(path)!r} is not a checkpoint of this project (it holds a "
+                              f"{type(saved).__name__}, not a dict)")
+    return saved
+
+
+def one_line_of(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def load_model_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str,

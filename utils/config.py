@@ -452,5 +452,6 @@ def config_from_dict(content: dict) -> Config:
     return cfg
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+def config_yaml(cfg: Config) -> str:
+    """The resolved config as the YAML saved in a run folder (``RunFolder.prepare`` writes it atomically)."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from utils.config import check_device
+from utils.errors import STOP_SIGNALS
 
 
 @dataclass
@@ -150,7 +151,7 @@ class StopRequest:
     alone (no host sync).
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    SIGNALS = STOP_SIGNALS
 
     def __init__(self):
         self.signum = 0

@@ -22,12 +22,12 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import yaml
 
 from utils import checkpoint as ckpt
-from utils.config import HARMLESS_KEYS, Config, ConfigError, config_from_dict, config_items, save_config
+from utils.config import HARMLESS_KEYS, Config, ConfigError, config_from_dict, config_items, config_yaml
 from utils.errors import UserError
 from utils.files import TEMPORARY_PATTERN, atomic_write_text, temporary_sibling
 from utils.results import results_markdown
@@ -202,37 +202,55 @@ class RunFolder:
             raise RunFolderError(f"--resume: the run's saved config {self.config_file} cannot be read ({err}); "
                                  "restore it, or choose another name/output_dir") from None
 
-    def check_same_experiment(self, cfg: Config, log: logging.Logger) -> None:
-        """--resume into a folder that holds checkpoints: refuse a config whose experiment keys differ from the
-        saved one (naming every such key and both values); warn about harmless differences."""
-        if not self.config_file.exists():
-            return
-        differences = config_differences(self.read_saved_config(), cfg)
-        # a key in neither set (none should be) counts as an experiment key
-        experiment = {key: values for key, values in differences.items() if key not in HARMLESS_KEYS}
-        if experiment and self.has_checkpoints():
-            listed = "; ".join(f"{key}: {old!r} (saved) vs {new!r} (now)" for key, (old, new) in experiment.items())
-            raise RunFolderError(f"--resume: run folder {self.path} was trained with another experiment config "
-                                 f"({self.config_file}): {listed}. Resume with the saved values, or choose another "
-                                 "name/output_dir for the new recipe")
-        harmless = {key: values for key, values in differences.items() if key in HARMLESS_KEYS}
-        if harmless:
-            log.warning("--resume: the config differs from %s in keys that do not change results: %s",
-                        self.config_file,
-                        "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in harmless.items()))
+    def saved_records(self) -> Iterator[tuple[Path, Config, Optional[list]]]:
+        """(file, config, task steps) of what the folder says it was trained with: config.yaml (no task), then
+        the record every finished checkpoint carries (so a lost or edited config.yaml is not the only witness)."""
+        if self.config_file.exists():
+            yield self.config_file, self.read_saved_config(), None
+        for step in self.finished_steps():
+            path = self.finished_checkpoint(step)
+            saved = ckpt.load(path, mmap=True)  # the record only: the weights are mapped, not read
+            if "config" not in saved:
+                continue
+            try:
+                yield path, config_from_dict(saved["config"]), saved.get("task")
+            except ConfigError as err:
+                raise RunFolderError(f"--resume: {path} records a config this version cannot read ({err}); "
+                                     "choose another name/output_dir") from None
 
-    def prepare(self, cfg: Config, resume: bool, log: logging.Logger) -> None:
+    def check_same_experiment(self, cfg: Config, task_steps: list, log: logging.Logger) -> None:
+        """--resume into a folder that holds checkpoints: refuse a config whose experiment keys or task differ
+        from what the folder was trained with (naming every such key and both values); warn about harmless
+        differences from the saved config.yaml."""
+        for source, saved, saved_steps in self.saved_records():
+            differences = config_differences(saved, cfg)
+            # a key in neither set (none should be) counts as an experiment key
+            experiment = {key: values for key, values in differences.items() if key not in HARMLESS_KEYS}
+            listed = [f"{key}: {old!r} (saved) vs {new!r} (now)" for key, (old, new) in experiment.items()]
+            if saved_steps is not None and [list(s) for s in saved_steps] != [list(s) for s in task_steps]:
+                listed.append(f"the task's classes per step: {saved_steps} (saved) vs {task_steps} (now)")
+            if listed and self.has_checkpoints():
+                raise RunFolderError(f"--resume: run folder {self.path} was trained with another experiment "
+                                     f"config ({source}): {'; '.join(listed)}. Resume with the saved values, or "
+                                     "choose another name/output_dir for the new recipe")
+            harmless = {key: values for key, values in differences.items() if key in HARMLESS_KEYS}
+            if harmless and source == self.config_file:
+                log.warning("--resume: the config differs from %s in keys that do not change results: %s",
+                            source, "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in harmless.items()))
+
+    def prepare(self, cfg: Config, task_steps: list, resume: bool, log: logging.Logger) -> None:
         """Check the folder, refuse to overwrite finished work unless resuming (and then only with the same
-        experiment), remove stale temporary files, save the config."""
+        experiment: ``cfg`` and the classes of each step, ``task_steps``), remove stale temporary files, save
+        the config (atomically: a run killed while saving it leaves the previous one)."""
         self.check_writable()
         done = sorted(self.checkpoint_dir.glob("step*.pt"))  # finished or in-step: work a new run would lose
         if done and not resume:
             raise RunFolderError(f"run folder {self.path} already holds checkpoints ({done[0].name}, ...): "
                                  "pass --resume to continue it, or choose another name/output_dir")
         if resume:
-            self.check_same_experiment(cfg, log)
+            self.check_same_experiment(cfg, task_steps, log)
         # Temporary files of an atomic write cut short (the process was killed while saving).
         for stale in [*self.path.glob(TEMPORARY_PATTERN), *self.checkpoint_dir.glob(TEMPORARY_PATTERN)]:
             log.info("removing %s (left by an interrupted write)", stale)
             stale.unlink()
-        save_config(cfg, self.config_file)
+        atomic_write_text(self.config_file, config_yaml(cfg))
