@@ -50,7 +50,7 @@ from torch.utils import flop_counter
 from datasets.class_lists import read_class_lists
 from utils.ignore import IGNORE_INDEX
 from datasets.splits import selection_image_ids, step_image_ids
-from datasets.tasks import Task, get_task
+from datasets.tasks import NUM_CLASSES, Task, get_task
 from trainer.engine import device_batch, evaluate, train_iteration
 from trainer.methods import build_method
 from trainer.step import StepRun, TrainState, plan_step, step_models, validation_due
@@ -140,7 +140,7 @@ def train_image_counts(cfg: Config, task: Task) -> tuple[list[int], str]:
     """Training images of every step (datasets.splits over the standard class lists), or the spec's counts."""
     path = shared_data_dir() / cfg.data.dataset / "train_cls.txt"
     if path.is_file():
-        lists = read_class_lists(path)
+        lists = read_class_lists(path, NUM_CLASSES[cfg.data.dataset])
         disjoint = cfg.data.setting == "disjoint"
         return [len(step_image_ids(lists, task, t, disjoint)) for t in range(task.num_steps)], shown(path)
     return list(SPEC_TRAIN_IMAGES[(cfg.data.dataset, task.name)]), "spec section 1 (class lists not found)"
@@ -150,7 +150,7 @@ def validation_image_counts(cfg: Config, task: Task) -> tuple[int, list[int], st
     """The val set's size and, per step, the val images the reference selects its best weights on."""
     path = shared_data_dir() / cfg.data.dataset / "val_cls.txt"
     if path.is_file():
-        lists = read_class_lists(path)
+        lists = read_class_lists(path, NUM_CLASSES[cfg.data.dataset])
         return len(lists), [len(selection_image_ids(lists, task, t, lists)) for t in range(task.num_steps)], shown(path)
     total = SPEC_VAL_IMAGES[cfg.data.dataset]
     return total, [total] * task.num_steps, "spec section 1; selection images = whole val set (upper bound)"

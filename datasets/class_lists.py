@@ -5,10 +5,11 @@ The file format is the standard one (``../shared/data/voc/train_cls.txt``)::
     <image_id> c1 c2 ...
 
 with foreground classes 0-based (dataset class ``c + 1``), background and 255
-left out. The lists are derived in one pass over a split (with a progress bar)
-that also checks every sample: the image exists and decodes, the label is a PNG
-of class indices (one channel) of the image's size, holding only classes of the
-dataset and 255. The pass is cached: the lists of the good samples in the file
+left out, each image once. The lists are derived in one pass over a split (with a
+progress bar) that also checks every sample, read as training reads it
+(:func:`datasets.samples.read_sample`): the image exists and decodes to 8-bit RGB,
+the label is a PNG of class indices (one channel) of the image's size, holding only
+classes of the dataset and 255. The pass is cached: the lists of the good samples in the file
 above, and beside it a ``.json`` sidecar with a fingerprint of the split (its ids
 and the sizes and modification times of every image and label) and the problem of
 every bad sample; a changed, added or removed file makes the cache stale and it is
@@ -20,24 +21,25 @@ import hashlib
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
-from PIL import Image
 from tqdm import tqdm
 
 from utils.errors import UserError
-from utils.files import atomic_write_text
+from utils.files import atomic_write_text, read_text
 
 from .labels import IGNORE_INDEX
 from .layout import SplitFiles, split_files
+from .samples import BadSample, read_sample
 from .tasks import NUM_CLASSES
 
 ClassLists = dict[str, frozenset[int]]  # image id -> dataset class ids (1-based foreground)
-CACHE_VERSION = 2  # 2: the sidecar holds each bad sample's problem; the fingerprint covers the images
+# 2: the sidecar holds each bad sample's problem; the fingerprint covers the images. 3: samples are checked with
+# the training reader (torchvision decodes the images), so a verdict of Pillow's is checked again.
+CACHE_VERSION = 3
 
 
 class ClassListError(UserError, ValueError):
@@ -48,32 +50,56 @@ class BadFilesError(UserError):
     """Samples of a split are missing, do not decode or hold labels the dataset does not have."""
 
 
-class BadSample(Exception):
-    """Why one sample cannot be used: "<path>: <problem>" (the pass collects them instead of stopping)."""
+def read_class_lists(path: str | Path, num_classes: int) -> ClassLists:
+    """Read a ``<id> c1 c2 ...`` file into id -> 1-based class ids. ``num_classes`` counts background (VOC 21),
+    so the file's classes are 0..num_classes - 2 (VOC 0..19, ADE20K 0..149).
 
-
-def read_class_lists(path: str | Path) -> ClassLists:
-    """Read a ``<id> c1 c2 ...`` file (0-based foreground) into id -> 1-based class ids."""
+    Refused with one line naming the file and the line: an id listed twice, a class id that is not an integer or
+    is out of range. A 1-based file shifts every class by one (person would train as pottedplant); it is told
+    apart when no line lists class 0 and the highest id is num_classes - 1, one past the last 0-based class, so
+    it is refused as 1-based rather than merely out of range. A 1-based file that never lists the last class
+    cannot be told from a 0-based one that never lists the first (no check can), so it reads as 0-based.
+    """
     path = Path(path)
     if not path.is_file():
         raise ClassListError(f"class list file {str(path)!r} does not exist")
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError as err:
-        raise ClassListError(f"class list file {path} is not text ({err.reason} at byte {err.start}): expected "
-                             "lines '<image_id> c1 c2 ...'") from None
+    text = read_text(path, "class list file", ClassListError)
+    last = num_classes - 2  # the last foreground class, 0-based
     lists: ClassLists = {}
+    first_line: dict[str, int] = {}
+    outside: Optional[tuple[int, int]] = None  # (line, class id): the first class id out of range
+    line_of_last_plus_one: Optional[int] = None  # the first line listing last + 1 (a 1-based file's last class)
+    listed: set[int] = set()  # every class id of the file
     for number, line in enumerate(text.splitlines(), 1):
         parts = line.split()
         if not parts:
             continue
+        image_id = parts[0]
+        if image_id in first_line:
+            raise ClassListError(f"{path}:{number}: image {image_id!r} is listed twice (lines {first_line[image_id]} "
+                                 f"and {number}); each image has one line")
+        first_line[image_id] = number
         try:
-            classes = frozenset(int(c) + 1 for c in parts[1:])
+            classes = [int(c) for c in parts[1:]]
         except ValueError:
             raise ClassListError(f"{path}:{number}: class ids must be integers, got {line!r}") from None
-        lists[parts[0]] = classes
+        for class_id in classes:
+            if outside is None and not 0 <= class_id <= last:
+                outside = (number, class_id)
+            if line_of_last_plus_one is None and class_id == last + 1:
+                line_of_last_plus_one = number
+        listed.update(classes)
+        lists[image_id] = frozenset(c + 1 for c in classes)
     if not lists:
         raise ClassListError(f"class list file {path} is empty")
+    if outside is not None:
+        number, class_id = outside
+        expected = (f"the format is '<image_id> c1 c2 ...' with foreground classes 0-based (0..{last}, dataset "
+                    "class c + 1), background not listed")
+        if min(listed) >= 1 and max(listed) == last + 1:  # ids 1..last + 1: every one shifted by one
+            raise ClassListError(f"{path}:{line_of_last_plus_one}: class id {last + 1} is out of range and no line "
+                                 f"lists class 0: the file looks 1-based; {expected}")
+        raise ClassListError(f"{path}:{number}: class id {class_id} is outside 0..{last}; {expected}")
     return lists
 
 
@@ -83,41 +109,11 @@ def write_class_lists(path: str | Path, lists: ClassLists, ids: Optional[list[st
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def _one_line(err: Exception) -> str:
-    return " ".join(str(err).split())
-
-
-@contextmanager
-def _decoded(path: Path, what: str) -> Iterator[Image.Image]:
-    """``path`` opened and fully decoded (a truncated file fails here, not mid-training)."""
-    if not path.is_file():
-        raise BadSample(f"{path}: {what} file is missing")
-    unreadable = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-    try:
-        opened = Image.open(path)
-    except unreadable as err:
-        raise BadSample(f"{path}: {what} does not decode ({_one_line(err)})") from None
-    with opened:
-        try:
-            opened.load()
-        except unreadable as err:
-            raise BadSample(f"{path}: {what} does not decode ({_one_line(err)})") from None
-        yield opened
-
-
 def classes_in_sample(image_path: Path, label_path: Path, num_classes: int) -> frozenset[int]:
-    """Check one sample; return the foreground classes (1..num_classes-1) its label holds, or raise
-    :class:`BadSample` saying what is wrong."""
-    with _decoded(image_path, "image") as image, _decoded(label_path, "label") as label:
-        if label.format != "PNG":
-            raise BadSample(f"{label_path}: label is not a PNG (it is {label.format or 'of unknown format'})")
-        if label.mode not in ("L", "P"):
-            raise BadSample(f"{label_path}: label has mode {label.mode} ({len(label.getbands())} channels), "
-                            "expected one channel of class indices (mode L or P)")
-        if label.size != image.size:
-            raise BadSample(f"{label_path}: label is {label.size[0]}x{label.size[1]}, its image "
-                            f"{image_path.name} is {image.size[0]}x{image.size[1]}")
-        present = np.flatnonzero(np.bincount(np.asarray(label).ravel(), minlength=256))
+    """Check one sample, read as training reads it; return the foreground classes (1..num_classes-1) its label
+    holds, or raise :class:`BadSample` saying what is wrong."""
+    _, label = read_sample(image_path, label_path)
+    present = np.flatnonzero(np.bincount(label.ravel(), minlength=256))
     unknown = [int(v) for v in present if v >= num_classes and v != IGNORE_INDEX]
     if unknown:
         raise BadSample(f"{label_path}: label values {unknown} are neither a class (0..{num_classes - 1}) "
@@ -173,11 +169,11 @@ def _read_cache(cache_file: Path, meta_file: Path, fingerprint: dict, files: Spl
     if not (cache_file.is_file() and meta_file.is_file()):
         return None
     try:
-        meta = json.loads(meta_file.read_text())
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))  # written by atomic_write_text: UTF-8
         if meta.get("fingerprint") != fingerprint:
             return None
         bad = dict(meta["bad"])
-        lists = read_class_lists(cache_file) if len(bad) < len(files) else {}
+        lists = read_class_lists(cache_file, fingerprint["num_classes"]) if len(bad) < len(files) else {}
     except (ValueError, KeyError, TypeError, AttributeError, ClassListError):
         return None  # unreadable cache: rebuilt by the caller
     if not all(image_id in lists or image_id in bad for image_id in files.ids):
@@ -250,7 +246,7 @@ def load_class_lists(dataset: str, root: str, split: str, class_lists_file: Opti
     files = check.usable_files()
     if not class_lists_file:
         return files, check.lists
-    lists = read_class_lists(class_lists_file)
+    lists = read_class_lists(class_lists_file, NUM_CLASSES[dataset])
     missing = [i for i in files.ids if i not in lists]
     if missing:
         raise ClassListError(f"class list file {class_lists_file} has no entry for {len(missing)} "

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from utils.files import read_text
+
 from .layout import DatasetLayoutError, ade_base
 from .synthetic import CLASS_NAMES as SYNTHETIC_CLASS_NAMES
 from .tasks import NUM_CLASSES, Task
@@ -29,7 +31,7 @@ def _ade_names(root: str | Path) -> list[str]:
     except DatasetLayoutError:  # no data yet (e.g. --eval-only elsewhere): the generic names
         return names
     if info.is_file():
-        for line in info.read_text().splitlines()[1:]:
+        for line in read_text(info, "ADE20K class names file", DatasetLayoutError).splitlines()[1:]:
             parts = line.split("\t")
             if len(parts) >= 5 and parts[0].strip().isdigit():
                 names[int(parts[0])] = parts[4].split(";")[0].strip()

@@ -11,16 +11,15 @@ from typing import Callable, Optional
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_image, read_file
 
 from utils.errors import UserError
 
 from .class_lists import load_class_lists
 from .labels import label_lookup
 from .layout import SplitFiles
+from .samples import BadSample, read_sample
 from .splits import selection_image_ids, step_image_ids
 from .tasks import Task
 
@@ -47,20 +46,11 @@ class IncrementalSegmentation(Dataset):
 
     def load(self, i: int) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
         try:
-            # torchvision's decoder (libjpeg-turbo like Pillow's: the same pixels, a quarter faster) returns
-            # (3, H, W) laid out channels-last, the layout its uint8 bilinear resize is fastest on. (0.29
-            # deprecates it in favour of TorchCodec; requirements.txt pins torchvision 0.29.1.)
-            image = decode_image(read_file(str(self.images[i])), mode=ImageReadMode.RGB)
-            # Pillow gives a palette PNG's indices at every bit depth; torchvision's decode_png
-            # misreads palettes of fewer than 8 bits.
-            with Image.open(self.labels[i]) as lbl:
-                label = np.array(lbl)
-        except (OSError, RuntimeError) as err:
-            raise DatasetError(f"could not read sample {self.ids[i]!r} "
-                               f"({self.images[i]} / {self.labels[i]}): {err}") from err
-        if label.ndim != 2 or label.shape != tuple(image.shape[1:]):
-            raise DatasetError(f"label {self.labels[i]} has shape {label.shape}, "
-                               f"expected a single channel of size {tuple(image.shape[1:])}")
+            # the reader the data preflight checked every sample with (datasets/samples.py)
+            image, label = read_sample(self.images[i], self.labels[i])
+        except BadSample as problem:  # a file that broke after the preflight
+            raise DatasetError(f"could not read sample {self.ids[i]!r} ({self.images[i]} / {self.labels[i]}): "
+                               f"{problem}") from None
         mask = torch.from_numpy(np.take(self.lookup, label))  # twice as fast as self.lookup[label]
         return tv_tensors.Image(image), tv_tensors.Mask(mask)
 

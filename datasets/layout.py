@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from utils.errors import UserError
+from utils.files import read_text
 
 
 class DatasetLayoutError(UserError, FileNotFoundError):
@@ -72,9 +73,11 @@ def ade_base(root: str | Path) -> Path:
 
 
 def _parse_voc_list(list_file: Path, base: Path) -> SplitFiles:
-    """Lines are either ``<id>`` or ``/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png``."""
+    """Lines are either ``<id>`` or ``/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png``; an id listed twice is
+    refused (a validation image listed twice would be scored twice, a training image drawn twice as often)."""
     ids, images, labels = [], [], []
-    for number, line in enumerate(list_file.read_text().splitlines(), 1):
+    first_line: dict[str, int] = {}
+    for number, line in enumerate(read_text(list_file, "split list", DatasetLayoutError).splitlines(), 1):
         parts = line.split()
         if not parts:
             continue
@@ -86,6 +89,10 @@ def _parse_voc_list(list_file: Path, base: Path) -> SplitFiles:
             image_id = image.stem
         else:
             raise DatasetLayoutError(f"{list_file}:{number}: expected '<id>' or '<image> <label>', got {line!r}")
+        if image_id in first_line:
+            raise DatasetLayoutError(f"{list_file}:{number}: image {image_id!r} is listed twice (lines "
+                                     f"{first_line[image_id]} and {number}); each sample has one line")
+        first_line[image_id] = number
         ids.append(image_id)
         images.append(image)
         labels.append(label)

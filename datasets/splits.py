@@ -20,7 +20,7 @@ from typing import Iterable
 from utils.errors import UserError
 
 from .class_lists import ClassLists, load_class_lists, read_class_lists
-from .tasks import Task, get_task, known_tasks
+from .tasks import NUM_CLASSES, Task, get_task, known_tasks
 
 
 def step_image_ids(class_lists: ClassLists, task: Task, step: int, disjoint: bool,
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         task = get_task(args.dataset, args.task)
         if args.class_lists:
-            lists = read_class_lists(args.class_lists)
+            lists = read_class_lists(args.class_lists, NUM_CLASSES[args.dataset])
         elif args.root:
             lists = load_class_lists(args.dataset, args.root, "train")[1]
         else:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from utils.config import DATASET_CLASSES, class_steps_problem
 from utils.errors import UserError
 
-NUM_CLASSES = {"voc": 21, "ade": 151}
+NUM_CLASSES = DATASET_CLASSES  # the config checks data.custom_steps against the same table
 # Dataset labels that are never scored: ADE20K's 0 ("other") is not a class (spec section 1).
 UNEVALUATED_LABELS = {"voc": frozenset(), "ade": frozenset({0})}
 
@@ -146,30 +147,15 @@ def get_task(dataset: str, name: str, custom_steps: list[list[int]] | None = Non
     if dataset not in TASKS:
         raise UnknownTaskError(f"unknown dataset {dataset!r}; known datasets: {', '.join(sorted(TASKS))}")
     if custom_steps is not None:
-        steps = [[int(c) for c in step] for step in custom_steps]
-        _validate_steps(dataset, name, steps)
-        return Task(dataset, name, tuple(tuple(s) for s in steps))
+        problem = class_steps_problem(custom_steps, NUM_CLASSES[dataset])
+        if problem:
+            raise TaskError(f"custom task {name!r} ({dataset}): {problem}")
+        return Task(dataset, name, tuple(tuple(int(c) for c in step) for step in custom_steps))
     if name not in TASKS[dataset]:
         raise UnknownTaskError(
             f"unknown task {name!r} for dataset {dataset!r}; known tasks: {', '.join(known_tasks(dataset))} "
             "(or give data.custom_steps)")
     return Task(dataset, name, tuple(tuple(s) for s in TASKS[dataset][name]))
-
-
-def _validate_steps(dataset: str, name: str, steps: list[list[int]]) -> None:
-    flat = [c for step in steps for c in step]
-    where = f"custom task {name!r} ({dataset})"
-    if not steps or any(len(step) == 0 for step in steps):
-        raise TaskError(f"{where}: every step needs at least one class")
-    if 0 not in steps[0]:
-        raise TaskError(f"{where}: step 0 must contain background (class 0)")
-    if len(set(flat)) != len(flat):
-        raise TaskError(f"{where}: a class appears in more than one step")
-    bad = [c for c in flat if not 0 <= c < NUM_CLASSES[dataset]]
-    if bad:
-        raise TaskError(f"{where}: class ids {bad} are outside 0..{NUM_CLASSES[dataset] - 1}")
-    if steps[0][0] != 0:
-        raise TaskError(f"{where}: background (0) must be the first class of step 0 (output channel 0)")
 
 
 # Verify the shuffled orders once at import: each must be a permutation of 0..20.

@@ -11,7 +11,7 @@ from datasets.class_lists import ClassListError, load_class_lists, read_class_li
 from datasets.incremental import selection_dataset, train_dataset, val_dataset
 from datasets.labels import label_lookup
 from datasets.layout import DatasetLayoutError, split_files
-from datasets.tasks import get_task
+from datasets.tasks import NUM_CLASSES, get_task
 from datasets.transforms import eval_transforms, train_transforms
 
 
@@ -70,7 +70,7 @@ def test_class_lists_derived_cached_and_rebuilt_when_stale(voc):
     assert lists == {"a": {1}, "b": {1, 3}, "c": {3}, "d": set()}
     cache = base / "class_lists" / "train_cls.txt"
     # same text format as the standard lists: 0-based foreground
-    assert read_class_lists(cache) == lists and "b 0 2" in cache.read_text()
+    assert read_class_lists(cache, NUM_CLASSES["voc"]) == lists and "b 0 2" in cache.read_text()
     stamp = cache.stat().st_mtime_ns
     time.sleep(0.01)
     load_class_lists("voc", root, "train", progress=False)
@@ -93,7 +93,7 @@ def test_user_class_list_file_must_cover_split(voc, tmp_path):
     with pytest.raises(ValueError, match="no entry for 3 train images"):
         load_class_lists("voc", root, "train", class_lists_file=str(partial))
     with pytest.raises(ClassListError, match="does not exist"):
-        read_class_lists(tmp_path / "nope.txt")
+        read_class_lists(tmp_path / "nope.txt", NUM_CLASSES["voc"])
 
 
 def test_label_rewriting_train_and_val():

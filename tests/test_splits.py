@@ -7,7 +7,7 @@ import pytest
 
 from datasets.class_lists import read_class_lists
 from datasets.splits import split_summary, step_image_ids
-from datasets.tasks import TASKS, UnknownTaskError, get_task
+from datasets.tasks import NUM_CLASSES, TASKS, UnknownTaskError, get_task
 from tests.conftest import ROOT
 
 # MBS_SPEC.md section 1, "number of training images per step".
@@ -34,7 +34,7 @@ def test_spec_counts_via_cli(shared_data, dataset, task, disjoint):
 
 
 def test_disjoint_is_subset_of_overlapped(shared_data):
-    lists = read_class_lists(shared_data / "voc" / "train_cls.txt")
+    lists = read_class_lists(shared_data / "voc" / "train_cls.txt", NUM_CLASSES["voc"])
     task = get_task("voc", "10-1")
     for step in range(task.num_steps):
         disjoint = set(step_image_ids(lists, task, step, True))

@@ -12,12 +12,21 @@ change; HARMLESS: a change only warns) and whether it is part of the step-0
 recipe (STEP0). ``CHOICES``, ``RANGES``, ``EXPERIMENT_KEYS``, ``HARMLESS_KEYS``
 and ``STEP0_KEYS`` are derived from those fields; a field without a role is an
 error at import.
+
+A field's annotation is checked down to the elements (``list[float]``,
+``dict[str, Any]``, ``Optional[list[list[int]]]``), so a wrong element is an error
+naming it (``data.custom_steps[1][0]``). A config file is read as UTF-8 (a BOM is
+dropped), and a key written twice in one mapping is refused: PyYAML would keep the
+second silently. A float key also takes ``5e-1``, which PyYAML (YAML 1.1) reads as a
+string.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
 import difflib
+import numbers
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +35,7 @@ from typing import Any, Optional
 import yaml
 
 from utils.errors import UserError
+from utils.files import read_text
 
 
 class ConfigError(UserError, ValueError):
@@ -98,7 +108,7 @@ class DataConfig:
     # a name from datasets.tasks (see `python -m datasets.splits --list`); step 0 records its classes instead
     task: str = config_key("15-1", EXPERIMENT)
     # explicit steps [[0, 1, ...], [..], ...] instead of a named task
-    custom_steps: Optional[list] = config_key(None, EXPERIMENT)
+    custom_steps: Optional[list[list[int]]] = config_key(None, EXPERIMENT)
     setting: str = config_key("overlapped", EXPERIMENT, STEP0, choices={"overlapped", "disjoint"})
     # a train_cls.txt-style file; default: derived from the labels and cached
     class_lists: Optional[str] = config_key(None, HARMLESS)
@@ -106,7 +116,7 @@ class DataConfig:
     # short side before random scaling / for center-crop evaluation
     base_size: int = config_key(512, EXPERIMENT, STEP0, range=AT_LEAST_1)
     crop_size: int = config_key(512, EXPERIMENT, STEP0, range=AT_LEAST_1)
-    scale_range: list = config_key([0.5, 2.0], EXPERIMENT, STEP0)  # checked in _validate: 0 < low <= high
+    scale_range: list[float] = config_key([0.5, 2.0], EXPERIMENT, STEP0)  # checked in _validate: 0 < low <= high
     # center_crop (the reference) | full (whole image, batch 1)
     eval_mode: str = config_key("center_crop", EXPERIMENT, STEP0, choices={"center_crop", "full"})
     # ignore: pad a scaled image smaller than the crop only as much as the crop needs, label 255 (MiB/PLOP);
@@ -142,7 +152,8 @@ class ModelConfig:
     # reference: position embedding resampled bilinearly (no antialias) for other input sizes, pretrained grid
     # resized bicubically without antialias; timm: timm's bicubic resampling with antialias for both
     pos_embed_interpolation: str = config_key("reference", EXPERIMENT, STEP0, choices={"reference", "timm"})
-    backbone_overrides: dict = config_key({}, EXPERIMENT, STEP0)  # timm kwargs for a small ViT (tests/CPU)
+    # timm VisionTransformer kwargs for a small ViT (tests/CPU); Segmenter only, checked in _validate
+    backbone_overrides: dict[str, Any] = config_key({}, EXPERIMENT, STEP0)
 
 
 @dataclass
@@ -212,7 +223,7 @@ class TrainConfig:
     image_log_interval: int = config_key(0, HARMLESS, range=AT_LEAST_0)
     # val images (image, truth, prediction) to tensorboard after each test
     qualitative_images: int = config_key(4, HARMLESS, range=AT_LEAST_0)
-    # at the end of a run, draw them with every step's prediction (PNG)
+    # at the end of a run, draw them with every step's prediction (any format matplotlib writes: .png, .pdf, ...)
     qualitative_figure: Optional[str] = config_key(None, HARMLESS)
 
 
@@ -298,16 +309,58 @@ STEP0_KEYS: dict[str, tuple[str, ...]] = {
 
 RESNET_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")  # models/backbones.py builds these
 VIT_PREFIXES = ("vit_", "deit_")  # timm VisionTransformer families the Segmenter encoder accepts
+# The timm VisionTransformer arguments the Segmenter sets itself (models/segmenter.py vit_encoder_kwargs), and
+# from what: model.backbone_overrides cannot set them (timm would get the keyword twice).
+SEGMENTER_ENCODER_KWARGS = {
+    "img_size": "data.crop_size", "num_classes": "the Segmenter (0: no classifier head)",
+    "global_pool": "the Segmenter (every token out)", "pos_drop_rate": "model.encoder_dropout",
+    "attn_drop_rate": "model.encoder_dropout", "proj_drop_rate": "model.encoder_dropout",
+    "drop_path_rate": "model.encoder_drop_path_rate", "norm_layer": "model.layer_norm_eps",
+    "dynamic_img_size": "the Segmenter (any input size)", "dynamic_img_pad": "the Segmenter (any input size)",
+}
+# Classes of each dataset, background included (VOC 0..20, ADE20K 0..150); datasets.tasks uses this table.
+DATASET_CLASSES = {"voc": 21, "ade": 151}
+# A number written as text: YAML 1.2's float (PyYAML implements YAML 1.1, whose floats need a dot and a signed
+# exponent, so `5e-1` or `1e5` arrive here as strings). Nothing else a string may say passes.
+_FLOAT_TEXT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
+
+
+def class_steps_problem(steps: Any, num_classes: int) -> Optional[str]:
+    """What is wrong with explicit task steps (``[[0, 1, ...], [16], ...]``, dataset class ids), or None. The one
+    check of a custom class order: the config (``data.custom_steps``) and ``datasets.tasks.get_task`` use it."""
+    if not isinstance(steps, (list, tuple)) or not steps:
+        return f"expected a list of steps, each a list of class ids, got {steps!r}"
+    for number, step in enumerate(steps):
+        if not isinstance(step, (list, tuple)) or not all(
+                isinstance(c, numbers.Integral) and not isinstance(c, bool) for c in step):
+            return f"step {number} must be a list of integer class ids, got {step!r}"
+    if any(len(step) == 0 for step in steps):
+        return "every step needs at least one class"
+    if 0 not in steps[0]:
+        return "step 0 must contain background (class 0)"
+    flat = [int(c) for step in steps for c in step]
+    repeated = sorted({c for c in flat if flat.count(c) > 1})
+    if repeated:
+        return f"class ids {repeated} are listed twice (in more than one step, or twice in one)"
+    outside = [c for c in flat if not 0 <= c < num_classes]
+    if outside:
+        return f"class ids {outside} are outside 0..{num_classes - 1}"
+    if steps[0][0] != 0:
+        return "background (0) must be the first class of step 0 (output channel 0)"
+    return None
 
 
 def _check_value(key: str, value: Any, annotation: Any) -> Any:
-    """Return ``value`` converted to the field's type, or raise ConfigError naming ``key``."""
+    """Return ``value`` converted to the field's type, elements of a list or dict included, or raise
+    ConfigError naming ``key`` (or the element: ``key[1][0]``, ``key.name``)."""
     origin = typing.get_origin(annotation)
     args = typing.get_args(annotation)
     if origin is typing.Union:  # Optional[X]
         if value is None:
             return None
         return _check_value(key, value, next(a for a in args if a is not type(None)))
+    if annotation is Any:
+        return value
     if annotation is bool:
         if isinstance(value, bool):
             return value
@@ -317,14 +370,25 @@ def _check_value(key: str, value: Any, annotation: Any) -> Any:
     elif annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            return float(value)
     elif annotation is str:
         if isinstance(value, str):
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)  # e.g. `task: 100-50` is a string in YAML anyway; `pretrained: 0` is not
-    elif annotation in (list, dict) or origin in (list, dict):
-        if isinstance(value, origin or annotation):
-            return value
+    elif list in (annotation, origin):
+        if isinstance(value, list):
+            return [_check_value(f"{key}[{i}]", item, args[0]) for i, item in enumerate(value)] if args else value
+    elif dict in (annotation, origin):
+        if isinstance(value, dict):
+            if not args:
+                return value
+            wrong = [name for name in value if not isinstance(name, args[0])]
+            if wrong:
+                raise ConfigError(f"config key {key!r}: every name in it must be a {args[0].__name__}, got "
+                                  f"{wrong[0]!r} ({type(wrong[0]).__name__})")
+            return {name: _check_value(f"{key}.{name}", item, args[1]) for name, item in value.items()}
     else:  # pragma: no cover - schema error, not user error
         raise TypeError(f"unsupported annotation {annotation} for {key}")
     name = getattr(annotation, "__name__", str(annotation))
@@ -367,9 +431,13 @@ def _validate(cfg: Config) -> None:
         value = config_value(cfg, key)
         if value is not None and not allowed_range.allows(value):
             raise ConfigError(f"config key {key!r} must be {allowed_range}, got {value}")
-    low, high = (cfg.data.scale_range + [None, None])[:2] if len(cfg.data.scale_range) == 2 else (None, None)
-    if low is None or not 0 < low <= high:
-        raise ConfigError(f"config key 'data.scale_range' must be [low, high] with 0 < low <= high, got {cfg.data.scale_range}")
+    scale_range = cfg.data.scale_range  # numbers (checked on merge)
+    if len(scale_range) != 2 or not 0 < scale_range[0] <= scale_range[1]:
+        raise ConfigError(f"config key 'data.scale_range' must be [low, high] with 0 < low <= high, got {scale_range}")
+    if cfg.data.custom_steps is not None:
+        problem = class_steps_problem(cfg.data.custom_steps, DATASET_CLASSES[cfg.data.dataset])
+        if problem:
+            raise ConfigError(f"config key 'data.custom_steps' ({cfg.data.dataset}): {problem}")
     backbone = cfg.model.backbone
     if cfg.model.architecture == "deeplabv3" and backbone not in RESNET_BACKBONES:
         raise ConfigError(f"config key 'model.backbone': {backbone!r} is not a DeepLab-V3 backbone; "
@@ -377,6 +445,8 @@ def _validate(cfg: Config) -> None:
     if cfg.model.architecture == "segmenter" and not backbone.startswith(VIT_PREFIXES):
         raise ConfigError(f"config key 'model.backbone': {backbone!r} is not a timm ViT for the Segmenter; "
                           "use e.g. vit_base_patch16_384 (smaller ones through model.backbone_overrides)")
+    _check_backbone_overrides(cfg.model.architecture, cfg.model.backbone_overrides)
+    _check_file_keys(cfg)
     if cfg.end_step is not None and cfg.end_step < cfg.start_step:
         raise ConfigError(f"config key 'end_step' ({cfg.end_step}) must be >= start_step ({cfg.start_step})")
     if cfg.train.checkpoint_policy == "best" and cfg.train.validation == "none":
@@ -384,6 +454,73 @@ def _validate(cfg: Config) -> None:
                           "(it selects the weights on validation)")
     if "/" in cfg.name or cfg.name in ("", ".", ".."):
         raise ConfigError(f"config key 'name': {cfg.name!r} is not a valid run folder name")
+
+
+def _check_backbone_overrides(architecture: str, overrides: dict) -> None:
+    """Overrides are keyword arguments of timm's VisionTransformer that the Segmenter leaves to the user (an
+    unknown one was a TypeError deep in timm); DeepLab-V3 takes none (they were silently ignored)."""
+    if not overrides:
+        return
+    if architecture != "segmenter":
+        raise ConfigError(f"config key 'model.backbone_overrides': {architecture} takes no backbone overrides "
+                          f"(they are timm ViT arguments for the Segmenter), got {overrides}; leave it {{}}")
+    for name in overrides:
+        if name in SEGMENTER_ENCODER_KWARGS:
+            raise ConfigError(f"config key 'model.backbone_overrides': {name!r} is set by "
+                              f"{SEGMENTER_ENCODER_KWARGS[name]}, not through the overrides")
+    accepted = vit_keywords()
+    unknown = [name for name in overrides if name not in accepted]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(accepted), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"config key 'model.backbone_overrides': {unknown[0]!r} is not an argument of timm's "
+                          f"VisionTransformer{hint}; it takes {', '.join(sorted(accepted))}")
+
+
+def vit_keywords() -> frozenset[str]:
+    """The keyword arguments timm's VisionTransformer takes, less those the Segmenter sets. timm (and torch with
+    it) is imported only here, when a Segmenter config has overrides: other config errors stay fast."""
+    import inspect
+
+    from timm.models.vision_transformer import VisionTransformer
+    parameters = inspect.signature(VisionTransformer.__init__).parameters.values()
+    return frozenset(p.name for p in parameters if p.name != "self" and p.name not in SEGMENTER_ENCODER_KWARGS
+                     and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
+def figure_formats() -> frozenset[str]:
+    """File extensions matplotlib can save a figure as (png, pdf, svg, jpg, ...); matplotlib is imported only when a
+    figure is asked for."""
+    from matplotlib.backend_bases import FigureCanvasBase
+    return frozenset(FigureCanvasBase.get_supported_filetypes())
+
+
+def _file_in_the_way(folder: Path) -> Optional[Path]:
+    """The file at ``folder`` or at one of its parents (so the folder cannot be made), if any."""
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    return existing if existing is not None and not existing.is_dir() else None
+
+
+def _check_file_keys(cfg: Config) -> None:
+    """Values that name files are checked now, not when they are written (a figure after hours of training)."""
+    figure = cfg.train.qualitative_figure
+    if figure:  # "" draws nothing, as null
+        extension = Path(figure).suffix.lower().lstrip(".")
+        formats = figure_formats()
+        if extension not in formats:
+            raise ConfigError(f"config key 'train.qualitative_figure': {figure!r} must end in an extension "
+                              f"matplotlib writes: {', '.join('.' + f for f in sorted(formats))}")
+        blocker = _file_in_the_way(Path(figure).parent)
+        if blocker is not None:
+            raise ConfigError(f"config key 'train.qualitative_figure': {figure!r} is under {blocker}, which is a "
+                              "file")
+    if cfg.data.cache_dir:
+        folder = Path(cfg.data.cache_dir)
+        blocker = _file_in_the_way(folder)
+        if blocker is not None:
+            where = "is an existing file" if blocker == folder else f"is under {blocker}, which is a file"
+            raise ConfigError(f"config key 'data.cache_dir': {str(folder)!r} {where}; it must be a folder "
+                              "(derived class lists are written into it)")
 
 
 def check_device(device: str) -> None:
@@ -403,15 +540,54 @@ def batch_per_process(batch_size: int, world_size: int) -> int:
     return batch_size // world_size
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping of a YAML document has the same key twice."""
+
+    def __init__(self, key: Any, first_line: int, second_line: int):
+        super().__init__(f"key {key!r} is written twice (lines {first_line} and {second_line}); "
+                         "YAML would silently keep only the second")
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load``, but a key written twice in one mapping (at any depth) raises
+    :class:`DuplicateKeyError`: PyYAML keeps the last one, so a second ``train:`` section dropped every key of
+    the first."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict:
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults` overrides on purpose
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                if not isinstance(key, typing.Hashable):
+                    continue  # SafeLoader reports an unhashable key itself
+                line = key_node.start_mark.line + 1
+                if key in first_line:
+                    raise DuplicateKeyError(key, first_line[key], line)
+                first_line[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """A YAML syntax error on one line: what and where."""
+    if isinstance(err, yaml.MarkedYAMLError) and err.problem_mark is not None:
+        mark = err.problem_mark
+        return f"{err.problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(err).split())
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``"train.lr=0.1"`` -> (["train", "lr"], 0.1); the value is parsed as YAML."""
     if "=" not in text:
         raise ConfigError(f"override {text!r} must look like key.subkey=value")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else None
+        value = yaml.load(raw, Loader=UniqueKeyLoader) if raw != "" else None
+    except DuplicateKeyError as err:
+        raise ConfigError(f"override {text!r}: {err}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"override {text!r}: value is not valid YAML ({err})") from None
+        raise ConfigError(f"override {text!r}: value is not valid YAML ({_yaml_problem(err)})") from None
     return key.strip().split("."), value
 
 
@@ -422,10 +598,13 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
+        text = read_text(path, "config file", ConfigError)
         try:
-            content = yaml.safe_load(path.read_text()) or {}
+            content = yaml.load(text, Loader=UniqueKeyLoader) or {}
+        except DuplicateKeyError as err:
+            raise ConfigError(f"config file {path}: {err}") from None
         except yaml.YAMLError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {err}") from None
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {_yaml_problem(err)}") from None
         try:
             _merge(cfg, content)
         except ConfigError as err:
