@@ -36,7 +36,7 @@ from typing import Optional
 
 import yaml
 
-from utils.config import MethodConfig
+from utils.config import MethodConfig, figure_formats
 from utils.errors import UserError, one_line
 from utils.files import atomic_write_text
 from utils.run_folder import RunFolder, RunFolderError
@@ -459,8 +459,7 @@ def check_output_path(path: Optional[Path], option: str, image: bool = False) ->
                 raise ReportError(f"{option} {path}: {parent} is a file, not a folder")
             break
     if image:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        formats = FigureCanvasAgg.get_supported_filetypes()
+        formats = figure_formats()
         if path.suffix.lstrip(".").lower() not in formats:
             raise ReportError(f"{option} {path}: matplotlib cannot write {path.suffix or 'a file without suffix'!r} "
                               f"images; use one of {', '.join('.' + f for f in sorted(formats))}")

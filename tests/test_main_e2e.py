@@ -93,8 +93,9 @@ def test_three_step_run_writes_every_output(finished_run, data_root):
     assert "step0/loss/output_distill" not in tags
     assert "step1/loss/output_distill" in tags and "step2/loss/feature_distill" in tags
 
-    assert file_set(run_dir) == {"config.yaml", "log.txt", "results.json", "results.md", "checkpoints/step0.pt",
-                                 "checkpoints/step1.pt", "checkpoints/step2.pt", "tensorboard/events.out.tfevents.*"}
+    assert file_set(run_dir) == {"config.yaml", "log.txt", "results.json", "results.md", "run.lock",
+                                 "checkpoints/step0.pt", "checkpoints/step1.pt", "checkpoints/step2.pt",
+                                 "tensorboard/events.out.tfevents.*"}
 
 
 # ------------------------------------------------------------------ 2. resume after a kill

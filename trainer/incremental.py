@@ -11,6 +11,7 @@ path in the run folder is :class:`utils.run_folder.RunFolder`'s.
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from pathlib import Path
@@ -78,6 +79,13 @@ class IncrementalTrainer:
 
     # ----------------------------------------------------------------- steps
     def run(self) -> list[dict]:
+        # Rank 0 holds the run folder until the run ends (success, error, stop signal; the OS releases it if the
+        # process dies): a second run started into the same folder stops here, before it touches anything.
+        with contextlib.ExitStack() as held:
+            run_on_main(self.ctx, lambda: held.enter_context(self.folder.lock(self.log)))
+            return self.run_holding_the_folder()
+
+    def run_holding_the_folder(self) -> list[dict]:
         run_on_main(self.ctx, lambda: self.folder.prepare(self.cfg, [list(s) for s in self.task.steps], self.resume,
                                                              self.log))
         # on rank 0 first, so ranks never race; a data error found there is raised on every rank

@@ -24,10 +24,25 @@ class CheckpointError(UserError):
     """A checkpoint is missing, unreadable or does not fit the model."""
 
 
+# What torch's zip writer says when the file under it stopped taking bytes: its end-of-file check finds
+# fewer bytes than it wrote ("unexpected pos"), or its own file writer failed (when given a path).
+TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")
+
+
 def save_atomic(state: dict[str, Any], path: Path) -> None:
-    # Into an open file, not a path: torch's own file writer reports a full disk as an opaque
-    # RuntimeError ("unexpected pos ..."), a Python file as OSError ENOSPC.
-    atomic_write(path, lambda file: torch.save(state, file))
+    """torch.save ``state`` to ``path`` atomically; a full disk (however torch reports it) is a
+    :class:`utils.files.FileWriteError` and leaves no temporary file."""
+    def write(file) -> None:
+        # Into an open file, not a path, so that a full disk raises the file's OSError ENOSPC. torch's zip
+        # writer then raises a RuntimeError from its __exit__ that replaces it (keeping it as __context__).
+        try:
+            torch.save(state, file)
+        except RuntimeError as err:
+            if not any(marker in str(err) for marker in TORCH_WRITE_FAILURES):
+                raise  # not a write failure: a bug keeps its traceback
+            raise OSError(f"torch could not write the file ({str(err).strip().splitlines()[-1]})") from err
+
+    atomic_write(path, write)
 
 
 def load(path: Path, map_location: str | torch.device = "cpu", mmap: bool = False) -> dict[str, Any]:

@@ -11,13 +11,18 @@ locale, a leading byte-order mark dropped, an undecodable file an error naming i
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Optional
 
 from utils.errors import UserError
 
 TEMPORARY_PATTERN = ".*.tmp"
+
+# A full disk or quota, found anywhere in an exception's chain, is a failed write whatever the outer exception.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 class FileWriteError(UserError):
@@ -48,6 +53,30 @@ def temporary_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.tmp")
 
 
+def exception_chain(err: BaseException) -> list[BaseException]:
+    """``err`` and the exceptions it was raised from or while handling (``__cause__``, else ``__context__``)."""
+    chain: list[BaseException] = []
+    while err is not None and not any(err is seen for seen in chain):
+        chain.append(err)
+        err = err.__cause__ if err.__cause__ is not None else err.__context__
+    return chain
+
+
+def write_failure(err: BaseException) -> Optional[OSError]:
+    """The OSError that made a write fail, or None when ``err`` is not a failed write (a bug keeps its traceback).
+
+    An OSError is a failed write. So is any exception whose chain holds a full disk: a writer may replace the
+    OSError of its file by its own error (torch's zip writer raises "unexpected pos ..." from its ``__exit__``
+    while the ENOSPC is in flight). Of the chain, the first OSError with an errno names the reason best.
+    """
+    errors = [e for e in exception_chain(err) if isinstance(e, OSError)]
+    with_errno = [e for e in errors if e.errno is not None]
+    if isinstance(err, OSError):
+        return with_errno[0] if with_errno else err
+    disk_full = [e for e in with_errno if e.errno in DISK_FULL_ERRNOS]
+    return disk_full[0] if disk_full else None
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     """Replace ``path`` by what ``write`` writes into an open binary file, all or nothing."""
     path = Path(path)
@@ -59,10 +88,16 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
             file.flush()
             os.fsync(file.fileno())  # the bytes are on disk before the rename makes them the file
         os.replace(tmp, path)
-    except OSError as err:
-        tmp.unlink(missing_ok=True)
+    except BaseException as err:
+        # Whatever stopped the write, a half-written temporary file only takes space (on a full disk, the
+        # space the user needs back); the previous version of the target is untouched.
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        failure = write_failure(err) if isinstance(err, Exception) else None  # never a KeyboardInterrupt
+        if failure is None:
+            raise
         kept = "its previous version is unchanged" if path.exists() else "nothing was written"
-        raise FileWriteError(f"could not write {path}: {err.strerror or err} ({kept})") from err
+        raise FileWriteError(f"could not write {path}: {failure.strerror or failure} ({kept})") from err
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

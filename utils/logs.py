@@ -1,15 +1,23 @@
 """Run logging: a plain-text log, tensorboard scalars and images (rank 0 only)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
+import threading
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
 
+from utils.errors import UserError
+
 LOGGER_NAME = "mbs"
+
+
+class TensorboardWriteError(UserError):
+    """The tensorboard event file could not be written (disk full, no permission, ...)."""
 
 
 def setup_logger(log_file: Optional[Path], is_main: bool) -> logging.Logger:
@@ -48,14 +56,50 @@ def colorize(labels: torch.Tensor, palette: np.ndarray) -> torch.Tensor:
     return table[labels.long().clamp(0, 255).cpu()].permute(2, 0, 1)
 
 
+def quiet_tensorboard_thread_write_errors() -> None:
+    """Keep the OSError that kills tensorboard's background writer thread from printing a traceback: the
+    thread keeps it, and the writer's next add, flush or close raises it in the main thread, where
+    :class:`TensorboardWriter` reports it in one line. Every other thread error is printed as before."""
+    previous = threading.excepthook
+    if getattr(previous, "quiets_tensorboard_write_errors", False):  # installed already
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        from_tensorboard = type(args.thread).__module__.startswith("tensorboard.")
+        if from_tensorboard and args.exc_type is not None and issubclass(args.exc_type, OSError):
+            return
+        previous(args)
+
+    hook.quiets_tensorboard_write_errors = True
+    threading.excepthook = hook
+
+
 class TensorboardWriter:
-    """Thin wrapper: a no-op on non-main ranks, so callers never branch on rank."""
+    """Thin wrapper: a no-op on non-main ranks, so callers never branch on rank. A failed write (a full disk)
+    is a :class:`TensorboardWriteError` naming the folder, after which the writer is disabled."""
 
     def __init__(self, log_dir: Optional[Path], enabled: bool):
         self.writer = None
+        self.log_dir = log_dir
         if enabled and log_dir is not None:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir=str(log_dir))
+            quiet_tensorboard_thread_write_errors()
+            with self.reporting_write_errors():
+                self.writer = SummaryWriter(log_dir=str(log_dir))  # writes the event file's first record
+
+    @contextlib.contextmanager
+    def reporting_write_errors(self) -> Iterator[None]:
+        """An OSError of the event file (raised here, or by the writer thread and raised again on the next
+        call) becomes one line naming the folder; the writer is dropped, so that close() does not fail again."""
+        try:
+            yield
+        except OSError as err:
+            broken, self.writer = self.writer, None
+            if broken is not None:
+                with contextlib.suppress(Exception):  # its flush fails again; what it holds is released
+                    broken.close()
+            raise TensorboardWriteError(f"could not write the tensorboard events in {self.log_dir}: "
+                                        f"{err.strerror or err}") from err
 
     @property
     def enabled(self) -> bool:
@@ -65,9 +109,10 @@ class TensorboardWriter:
     def scalars(self, values: dict[str, float], step: int, prefix: str = "") -> None:
         if self.writer is None:
             return
-        for name, value in values.items():
-            if value is not None:
-                self.writer.add_scalar(prefix + name, float(value), step)
+        with self.reporting_write_errors():
+            for name, value in values.items():
+                if value is not None:
+                    self.writer.add_scalar(prefix + name, float(value), step)
 
     def segmentation_images(self, tag: str, image: torch.Tensor, label: torch.Tensor,
                             prediction: torch.Tensor, step: int, palette: np.ndarray) -> None:
@@ -76,9 +121,11 @@ class TensorboardWriter:
             return
         row = torch.cat([(image.cpu() * 255).to(torch.uint8), colorize(label, palette), colorize(prediction, palette)],
                         dim=2)
-        self.writer.add_image(tag, row, step)
+        with self.reporting_write_errors():
+            self.writer.add_image(tag, row, step)
 
     def close(self) -> None:
         if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
+            with self.reporting_write_errors():
+                self.writer.flush()
+                self.writer.close()

@@ -10,31 +10,46 @@ A run folder holds::
     checkpoints/step{t}_best.pt      the best-so-far weights of step t (checkpoint_policy=best)
     results.json, results.md         the metrics of every finished step (written after each)
     bad_files.txt                    the data preflight's list of unusable samples, if any
+    run.lock                         locked by the run using the folder; holds its pid and host
 
 A finished-step file is only ever written complete, so its presence means the step is done; ``--resume``
 never retrains it. Before a run starts (:meth:`RunFolder.prepare`): the folder must be writable, finished
 work is never overwritten without ``--resume``, ``--resume`` continues only the same experiment, what an
 interrupted write left is removed, and the resolved config is saved. No other module spells a file name
-of the run folder.
+of the run folder. While a run uses the folder, its rank 0 holds :meth:`RunFolder.lock`, so a second run
+started into the same folder stops at once instead of overwriting the first one's work.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import logging
+import os
+import socket
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import yaml
 
 from utils import checkpoint as ckpt
-from utils.config import HARMLESS_KEYS, Config, ConfigError, config_from_dict, config_items, config_yaml
+from utils.config import (HARMLESS_KEYS, Config, ConfigError, UniqueKeyLoader, config_from_dict, config_items,
+                          config_yaml)
 from utils.errors import UserError
-from utils.files import TEMPORARY_PATTERN, atomic_write_text, temporary_sibling
+from utils.files import TEMPORARY_PATTERN, atomic_write_text, read_text, temporary_sibling
 from utils.results import results_markdown
 
 
 class RunFolderError(UserError):
-    """The run folder cannot be used as asked (not creatable, finished work would be overwritten, ...)."""
+    """The run folder cannot be used as asked (not creatable, in use by another run, finished work would be
+    overwritten, ...)."""
+
+
+# Bytes the writability probe writes: enough that a full disk fails it, as an empty file would not.
+PROBE_BYTES = 64 * 1024
+# flock's answers on a file system that does not lock (e.g. Lustre mounted without -o flock).
+LOCKING_UNSUPPORTED = frozenset({errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL})
 
 
 def config_differences(saved: Config, current: Config) -> dict[str, tuple[Any, Any]]:
@@ -83,6 +98,11 @@ class RunFolder:
     def qualitative_figure(self) -> Path:
         """Where ``python -m analysis.report RUN --qualitative N`` draws by default."""
         return self.path / "qualitative.png"
+
+    @property
+    def lock_file(self) -> Path:
+        """flock-ed by rank 0 of the run using the folder (:meth:`lock`); holds that process's pid and host."""
+        return self.path / "run.lock"
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -173,11 +193,65 @@ class RunFolder:
         if not self.config_file.is_file():
             return {}
         try:
-            return yaml.safe_load(self.config_file.read_text()) or {}
+            return yaml.load(read_text(self.config_file, "the saved config"), Loader=UniqueKeyLoader) or {}
         except yaml.YAMLError as err:
             raise RunFolderError(f"{self.config_file} is not valid YAML: {err}") from None
+        except UserError as err:  # not UTF-8, unreadable
+            raise RunFolderError(str(err)) from None
 
     # ------------------------------------------------------------ before a run
+    @contextlib.contextmanager
+    def lock(self, log: logging.Logger) -> Iterator[None]:
+        """Hold the folder for one run (rank 0 only): an exclusive, non-blocking ``flock`` on :attr:`lock_file`.
+        A second run into the folder gets a :class:`RunFolderError` naming the holder's pid and host. The OS
+        releases the lock when the holder dies, even by SIGKILL, so a stale file never blocks a later run; the
+        file itself stays (removing it would let two runs lock two different files of the same name)."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            # never O_TRUNC: until the lock is ours, the file holds the holder's pid and host
+            descriptor = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise RunFolderError(f"cannot lock the run folder {self.path} (output_dir/name): {self.lock_file}: "
+                                 f"{err.strerror or err}") from err
+        try:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RunFolderError(f"run folder {self.path} (output_dir/name) is in use by another run "
+                                     f"({self.lock_holder()}; lock file {self.lock_file}): wait for it to end, or "
+                                     "choose another name/output_dir") from None
+            except OSError as err:
+                if err.errno not in LOCKING_UNSUPPORTED:
+                    raise RunFolderError(f"cannot lock the run folder {self.path} (output_dir/name): "
+                                         f"{self.lock_file}: {err.strerror or err}") from err
+                log.warning("the run folder %s cannot be locked (%s): nothing stops a second run started into it "
+                            "from overwriting this one's files", self.path, err.strerror or err)
+                yield
+                return
+            try:
+                os.ftruncate(descriptor, 0)
+                os.write(descriptor, f"{os.getpid()} {socket.gethostname()}\n".encode())
+            except OSError as err:  # a full disk (the lock is still held: the pid is only for the message)
+                raise RunFolderError(f"the run folder {self.path} (output_dir/name) is not writable: "
+                                     f"{self.lock_file}: {err.strerror or err}") from err
+            try:
+                yield
+            finally:
+                # emptied, so that a run refused in the instant before the next holder writes its own pid
+                # never names this finished one
+                with contextlib.suppress(OSError):
+                    os.ftruncate(descriptor, 0)
+        finally:
+            os.close(descriptor)  # releases the lock
+
+    def lock_holder(self) -> str:
+        """Who holds :attr:`lock_file`, as the holder wrote it: "pid P on host H"."""
+        try:
+            pid, host = self.lock_file.read_text().split()
+        except (OSError, UnicodeDecodeError, ValueError):  # taken an instant ago, pid not written yet
+            return "its pid and host are not written yet"
+        return f"pid {pid} on host {host}"
+
     def check_writable(self) -> None:
         """Create the folder if needed and make sure files can be written in it; refuse in one line otherwise."""
         for folder in (self.path, *self.path.parents):
@@ -189,16 +263,27 @@ class RunFolder:
         probe = temporary_sibling(self.path / "write_test")
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            probe.write_bytes(b"")
-            probe.unlink()
+            # Real bytes, on disk: an empty file is created even on a full disk, which training would find
+            # only when it saves. Random bytes, which a compressing file system cannot shrink.
+            probe.write_bytes(os.urandom(PROBE_BYTES))
+            descriptor = os.open(probe, os.O_RDONLY)
+            try:
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
         except OSError as err:
             raise RunFolderError(f"the run folder {self.path} (output_dir/name) is not writable: "
                                  f"{err.strerror or err}") from err
+        finally:
+            # missing_ok: a run already holding the folder removes stale temporary files, this probe included
+            with contextlib.suppress(OSError):
+                probe.unlink(missing_ok=True)
 
     def read_saved_config(self) -> Config:
         try:
-            return config_from_dict(yaml.safe_load(self.config_file.read_text()) or {})
-        except (OSError, UnicodeDecodeError, yaml.YAMLError, ConfigError) as err:
+            return config_from_dict(yaml.load(read_text(self.config_file, "the saved config"),
+                                              Loader=UniqueKeyLoader) or {})
+        except (OSError, UserError, yaml.YAMLError) as err:
             raise RunFolderError(f"--resume: the run's saved config {self.config_file} cannot be read ({err}); "
                                  "restore it, or choose another name/output_dir") from None
 
