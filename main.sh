@@ -15,6 +15,8 @@
 # families run one after the other (15-1 then 15-5; 100-50, 100-10, 100-5).
 # After a change of config or EXTRA that changes the experiment, a run folder with finished
 # steps refuses to continue (naming the differing keys): give the new recipe another OUT.
+# `sh main.sh` runs dash on Debian/Ubuntu, which has neither pipefail nor arrays: run under bash instead.
+if [ -z "${BASH_VERSION:-}" ]; then exec bash "$0" "$@"; fi
 set -euo pipefail
 cd "$(dirname "$0")"
 

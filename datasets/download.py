@@ -11,7 +11,9 @@ Every step can be interrupted and rerun:
 * archives are extracted into a hidden ``ROOT/.<name>.partial`` folder, checked there
   (image counts, every listed image and label present) and only then renamed into place,
   with a ``.download-complete`` marker inside; a dataset with the marker is left alone;
-* any failure prints one line saying what failed and what to run, and exits with code 2.
+* any failure prints one line saying what failed and what to run, and exits with code 2; an archive
+  that cannot be extracted is removed (so the next run fetches it again), and a disk that fills up
+  during extraction leaves no half-extracted folder behind.
 
 The VOC split lists are built from the archives, not fetched: ``val`` is the official
 ``ImageSets/Segmentation/val.txt`` (1449 ids) and ``train_aug`` every id that has both a
@@ -20,17 +22,22 @@ JPEG and a SegmentationClassAug label, minus ``val`` (10582 ids).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import hashlib
 import http.client
 import os
 import re
+import shlex
 import shutil
 import sys
 import tarfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -43,6 +50,7 @@ MARKER = ".download-complete"
 CHUNK = 1 << 20
 VOC_COUNTS = (10582, 1449)   # train_aug, val
 ADE_COUNTS = (20210, 2000)   # training, validation
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # the disk (or the user's quota) is full
 
 
 class DownloadError(UserError):
@@ -79,6 +87,7 @@ ADE = Archive(
     "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip",
     "ADEChallengeData2016.zip", "sha1:219e1696abb36c8ba3a3afe7fb2f4b4606a897c7", "MBS_ADE")
 
+DEFAULT_URLS = {archive.key: archive.url for archive in (VOC_TRAINVAL, VOC_AUG, ADE)}
 ALTERNATIVE_URLS = {
     "trainval": "http://host.robots.ox.ac.uk/pascal/VOC/voc2012/VOCtrainval_11-May-2012.tar",
     "aug": "http://cs.jhu.edu/~cxliu/data/SegmentationClassAug.zip",
@@ -129,6 +138,9 @@ def download_with_retries(archive: Archive, partial: Path, rerun: str, retry: Re
             download_once(archive, partial, retry.timeout_s)
             return
         except (OSError, http.client.HTTPException) as error:  # URLError, timeouts and ConnectionCut are OSErrors
+            failure_here = local_failure(error, archive, partial, rerun)
+            if failure_here is not None:
+                raise failure_here from error
             if is_permanent(error) or attempt == retry.attempts:
                 kept = partial.stat().st_size if partial.is_file() else 0
                 raise DownloadError(
@@ -143,9 +155,43 @@ def download_with_retries(archive: Archive, partial: Path, rerun: str, retry: Re
             wait_s = min(2 * wait_s, retry.max_wait_s)
 
 
+def local_failure(error: BaseException, archive: Archive, partial: Path, rerun: str) -> DownloadError | None:
+    """The error for a failure on this machine (a full disk, a missing local file), which asking again will not
+    fix: retrying is for the network. None for any other failure."""
+    if isinstance(error, OSError) and error.errno in NO_SPACE:
+        kept = partial.stat().st_size if partial.is_file() else 0
+        free = shutil.disk_usage(partial.parent).free
+        return DownloadError(
+            f"no space left in {partial.parent} to download the {archive.description} ({error.strerror}): "
+            f"{partial} keeps the {kept} bytes fetched so far and {size_text(free)} are free there. "
+            f"Free some space, then rerun `{rerun}` to resume.")
+    if is_local(archive.url) and isinstance(error, urllib.error.URLError):  # urllib's wrapper of open()'s error
+        return DownloadError(
+            f"cannot read the {archive.description} {local_path(archive.url)} ({local_reason(error)}); "
+            f"{archive.env}_URL (or --{archive.key}-url) gives it as {archive.url}: point it at the file, "
+            f"or leave it unset to download from {DEFAULT_URLS.get(archive.key, 'the official URL')}.")
+    return None
+
+
 def is_permanent(error: BaseException) -> bool:
     """A client error (404, 403, ...) will not go away by asking again; timeouts and rate limits may."""
     return isinstance(error, urllib.error.HTTPError) and 400 <= error.code < 500 and error.code not in (408, 429)
+
+
+def is_local(url: str) -> bool:
+    return urllib.parse.urlsplit(url).scheme == "file"
+
+
+def local_path(url: str) -> str:
+    return urllib.request.url2pathname(urllib.parse.urlsplit(url).path)
+
+
+def local_reason(error: BaseException) -> str:
+    """"No such file or directory" rather than urllib's "<urlopen error [Errno 2] ...: '/the/path'>"."""
+    reason = error.reason if isinstance(error, urllib.error.URLError) else error
+    if isinstance(reason, OSError) and reason.strerror:
+        return reason.strerror
+    return str(reason)
 
 
 def describe(error: BaseException) -> str:
@@ -242,23 +288,66 @@ def inside(base: Path, member: str, archive: Path) -> Path:
     return destination
 
 
+# What reading a damaged archive raises: a bad header or CRC, a truncated or garbled compressed stream.
+ARCHIVE_DAMAGE = (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError)
+
+
+@contextlib.contextmanager
+def removed_if_damaged(path: Path, archive: Archive, rerun: str):
+    """An archive that cannot be extracted is one line, and is removed: kept, the next run would reuse it."""
+    try:
+        yield
+    except ARCHIVE_DAMAGE as error:
+        path.unlink(missing_ok=True)
+        raise DownloadError(
+            f"{path} could not be extracted ({error}): it is damaged or not the {archive.description}, and was "
+            f"removed. Rerun `{rerun}` to download it again; if this happens again, the copy at {archive.url} is "
+            f"damaged: point {archive.env}_URL (or --{archive.key}-url) at another one.") from error
+
+
+@contextlib.contextmanager
+def space_checked(staging: Path, archives: list[Path], rerun: str):
+    """A disk that fills up during extraction is one line saying how much space is needed; the half-extracted
+    ``staging`` folder is removed first, so the free space reported is what a rerun will have."""
+    try:
+        yield
+    except OSError as error:
+        if error.errno not in NO_SPACE:
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+        needed = sum(extracted_size(path) for path in archives)
+        free = shutil.disk_usage(staging.parent).free
+        raise DownloadError(
+            f"no space left in {staging.parent} while extracting into {staging} ({error.strerror}): the extracted "
+            f"data needs about {size_text(needed)} and {size_text(free)} are free there. The half-extracted "
+            f"folder was removed and the archives are kept in {archives[0].parent}; free some space or give "
+            f"another ROOT, then rerun `{rerun}`.") from error
+
+
+def extracted_size(archive: Path) -> int:
+    """Bytes the members of a tar or zip archive take once extracted."""
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            return sum(info.file_size for info in zf.infolist())
+    with tarfile.open(archive) as tar:
+        return sum(member.size for member in tar)
+
+
+def size_text(size: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if size < 1000:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1000
+    return f"{size:.1f} TB"
+
+
 def extract_tar(archive: Path, destination: Path) -> None:
-    try:
-        with tarfile.open(archive) as tar:
-            tar.extractall(destination, filter="data")  # refuses absolute paths, '..' and links out
-    except tarfile.TarError as error:
-        raise DownloadError(f"{archive} could not be extracted ({error}); delete it and rerun.") from error
-
-
-def open_zip(archive: Path) -> zipfile.ZipFile:
-    try:
-        return zipfile.ZipFile(archive)
-    except zipfile.BadZipFile as error:
-        raise DownloadError(f"{archive} is not a valid zip file ({error}); delete it and rerun.") from error
+    with tarfile.open(archive) as tar:
+        tar.extractall(destination, filter="data")  # refuses absolute paths, '..' and links out
 
 
 def extract_zip(archive: Path, destination: Path) -> None:
-    with open_zip(archive) as zf:
+    with zipfile.ZipFile(archive) as zf:
         for info in zf.infolist():
             inside(destination, info.filename, archive)
         zf.extractall(destination)
@@ -268,7 +357,7 @@ def extract_aug_labels(archive: Path, label_dir: Path) -> int:
     """Copy every ``*.png`` of the SegmentationClassAug zip (macOS resource forks left out) into ``label_dir``."""
     label_dir.mkdir(parents=True, exist_ok=True)
     count = 0
-    with open_zip(archive) as zf:
+    with zipfile.ZipFile(archive) as zf:
         for info in zf.infolist():
             parts = Path(info.filename).parts
             if info.is_dir() or not info.filename.endswith(".png") or "__MACOSX" in parts or parts[-1].startswith("._"):
@@ -292,7 +381,7 @@ def voc_split_ids(aug_ids: set[str], jpeg_ids: set[str], official_val: list[str]
 def read_ids(path: Path) -> list[str]:
     if not path.is_file():
         raise DownloadError(f"{path} is missing: the VOC trainval archive does not have the expected layout.")
-    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    return [line.split()[0] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def write_voc_lists(base: Path) -> None:
@@ -302,7 +391,8 @@ def write_voc_lists(base: Path) -> None:
     train, val = voc_split_ids(aug_ids, jpeg_ids, read_ids(base / "ImageSets" / "Segmentation" / "val.txt"))
     (base / "list").mkdir(exist_ok=True)
     for name, ids in (("train_aug.txt", train), ("val.txt", val)):
-        (base / "list" / name).write_text("".join(f"/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png\n" for i in ids))
+        (base / "list" / name).write_text("".join(f"/JPEGImages/{i}.jpg /SegmentationClassAug/{i}.png\n" for i in ids),
+                                          encoding="utf-8")
 
 
 def content_problems(dataset: str, base: Path, expected: dict[str, int]) -> list[str]:
@@ -355,18 +445,53 @@ def already_done(final: Path, dataset: str, expected: dict[str, int], rerun: str
     return True
 
 
-def finish(staged: Path, final: Path, dataset: str, expected: dict[str, int], extra_problems, rerun: str) -> None:
+def finish(staged: Path, final: Path, dataset: str, expected: dict[str, int], extra_problems, archives: list[Path],
+           rerun: str) -> None:
     """Check ``staged``, mark it complete and rename it to ``final`` (one step, so never half there)."""
     problems = content_problems(dataset, staged, expected)
     if not problems:
         problems = extra_problems(staged)
     if problems:
-        raise DownloadError(f"the extracted {dataset.upper()} data failed the content check: {'; '.join(problems)}. "
-                            f"Nothing was put in {final}; the archives are kept. Check the URLs and rerun `{rerun}`.")
+        # The archives are kept (the expected counts may be what is wrong), so a rerun would reuse them: say which
+        # files to delete when they are the wrong ones.
+        raise DownloadError(
+            f"the extracted {dataset.upper()} data failed the content check: {'; '.join(problems)}. Nothing was put "
+            f"in {final}; the archives are kept and a rerun reuses them. If they are not the right ones, delete them "
+            f"(rm {' '.join(shlex.quote(str(path)) for path in archives)}) and rerun `{rerun}` with the right URLs.")
     counts = ", ".join(f"{split} {count}" for split, count in expected.items())
-    (staged / MARKER).write_text(f"checked: {counts} images, every listed image and label present\n")
+    (staged / MARKER).write_text(f"checked: {counts} images, every listed image and label present\n", encoding="utf-8")
     final.parent.mkdir(parents=True, exist_ok=True)
     os.replace(staged, final)
+
+
+def kind_of(path: Path) -> str:
+    if path.is_symlink() and not path.exists():
+        return "a broken link"
+    return "a folder" if path.is_dir() else "a file" if path.is_file() else "a special file"
+
+
+def check_path_kinds(folders: dict[Path, str], files: list[Path]) -> None:
+    """Fail with one line, before anything is written, where a file stands in for a folder the download needs
+    (``python download_ade20k.py some_file``) or a folder stands where it keeps an archive."""
+    for folder, holds in folders.items():
+        existing = next((path for path in (folder, *folder.parents) if path.exists() or path.is_symlink()), None)
+        if existing is not None and not existing.is_dir():
+            must = "it must be one" if existing == folder else f"{folder} must be a folder"
+            raise DownloadError(f"{existing} is {kind_of(existing)}, not a folder, but {must} ({holds}): "
+                                f"give another ROOT or move {existing} away, then rerun.")
+    for file in files:
+        if (file.exists() or file.is_symlink()) and not file.is_file():
+            raise DownloadError(f"{file} is {kind_of(file)}, not a file, but the download keeps an archive there: "
+                                f"move it away, then rerun.")
+
+
+def check_prepare_paths(root: Path, final: Path, staging: Path, downloads: Path, archives: list[Archive]) -> None:
+    folders = {root: "the data root; it is created if missing"}
+    for folder, holds in ((final.parent, f"it holds {final.name}"), (final, "the dataset"),
+                          (downloads, "the archives"), (staging, "the extraction in progress")):
+        folders.setdefault(folder, holds)  # for ADE20K the root is the dataset's parent
+    files = [downloads / name for archive in archives for name in (archive.filename, archive.filename + ".part")]
+    check_path_kinds(folders, files)
 
 
 def remove_archives(paths: list[Path]) -> None:
@@ -387,17 +512,21 @@ def prepare_voc(root: str | Path, trainval: Archive = VOC_TRAINVAL, aug: Archive
     expected = {"train": counts[0], "val": counts[1]}
     if already_done(final, "voc", expected, rerun):
         return final
-    archives = [fetch(a, root / "downloads", rerun, retry) for a in (trainval, aug)]
     staging = root / ".VOC2012.partial"
+    check_prepare_paths(root, final, staging, root / "downloads", [trainval, aug])
+    archives = [fetch(a, root / "downloads", rerun, retry) for a in (trainval, aug)]
     shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
     try:
-        print(f"extracting {archives[0].name}")
-        extract_tar(archives[0], staging)
-        base = staging / "VOCdevkit" / "VOC2012"
-        print(f"extracting {archives[1].name}")
-        extract_aug_labels(archives[1], base / "SegmentationClassAug")
-        write_voc_lists(base)
-        finish(base, final, "voc", expected, voc_extra_problems, rerun)
+        with space_checked(staging, archives, rerun):
+            print(f"extracting {archives[0].name}")
+            with removed_if_damaged(archives[0], trainval, rerun):
+                extract_tar(archives[0], staging)
+            base = staging / "VOCdevkit" / "VOC2012"
+            print(f"extracting {archives[1].name}")
+            with removed_if_damaged(archives[1], aug, rerun):
+                extract_aug_labels(archives[1], base / "SegmentationClassAug")
+            write_voc_lists(base)
+            finish(base, final, "voc", expected, voc_extra_problems, archives, rerun)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if not keep_archives:
@@ -415,13 +544,16 @@ def prepare_ade(root: str | Path, ade: Archive = ADE, counts: tuple[int, int] = 
     expected = {"train": counts[0], "val": counts[1]}
     if already_done(final, "ade", expected, rerun):
         return final
-    archive = fetch(ade, root / "downloads", rerun, retry)
     staging = root / ".ADEChallengeData2016.partial"
+    check_prepare_paths(root, final, staging, root / "downloads", [ade])
+    archive = fetch(ade, root / "downloads", rerun, retry)
     shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
     try:
-        print(f"extracting {archive.name}")
-        extract_zip(archive, staging)
-        finish(staging / "ADEChallengeData2016", final, "ade", expected, ade_extra_problems, rerun)
+        with space_checked(staging, [archive], rerun):
+            print(f"extracting {archive.name}")
+            with removed_if_damaged(archive, ade, rerun):
+                extract_zip(archive, staging)
+            finish(staging / "ADEChallengeData2016", final, "ade", expected, ade_extra_problems, [archive], rerun)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if not keep_archives:

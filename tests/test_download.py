@@ -1,12 +1,16 @@
 """The dataset downloader, offline: tiny archives with the real internal layout, served from 127.0.0.1."""
+import gzip
 import hashlib
 import io
 import os
 import random
+import shlex
+import shutil
 import subprocess
 import sys
 import tarfile
 import threading
+import time
 import zipfile
 from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -46,21 +50,22 @@ def tar_bytes(files: dict[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
-def zip_bytes(files: dict[str, bytes]) -> bytes:
+def zip_bytes(files: dict[str, bytes], compression: int = zipfile.ZIP_STORED) -> bytes:
     buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as zf:
+    with zipfile.ZipFile(buffer, "w", compression=compression) as zf:
         for name, data in files.items():
             zf.writestr(name, data)
     return buffer.getvalue()
 
 
-def voc_trainval_tar() -> bytes:
+def voc_trainval_tar(extra: dict[str, bytes] | None = None) -> bytes:
     base = "VOCdevkit/VOC2012"
     files = {f"{base}/JPEGImages/{i}.jpg": payload(i) for i in SEG_TRAIN + SEG_VAL + SBD_ONLY + NO_LABEL}
     files.update({f"{base}/SegmentationClass/{i}.png": payload("seg" + i, 200) for i in SEG_TRAIN + SEG_VAL})
     files.update({f"{base}/Annotations/{i}.xml": b"<annotation/>" for i in SEG_TRAIN + SEG_VAL + SBD_ONLY + NO_LABEL})
     for name, ids in (("train", SEG_TRAIN), ("val", SEG_VAL), ("trainval", SEG_TRAIN + SEG_VAL)):
         files[f"{base}/ImageSets/Segmentation/{name}.txt"] = "".join(f"{i}\n" for i in ids).encode()
+    files.update(extra or {})
     return tar_bytes(files)
 
 
@@ -72,7 +77,8 @@ def aug_zip() -> bytes:
     return zip_bytes(files)
 
 
-def ade_zip(extra: dict[str, bytes] | None = None, class_names: bool = True) -> bytes:
+def ade_zip(extra: dict[str, bytes] | None = None, class_names: bool = True,
+            compression: int = zipfile.ZIP_STORED) -> bytes:
     base = "ADEChallengeData2016"
     files = {f"{base}/sceneCategories.txt": b""}
     if class_names:
@@ -82,7 +88,7 @@ def ade_zip(extra: dict[str, bytes] | None = None, class_names: bool = True) -> 
             files[f"{base}/images/{folder}/{i}.jpg"] = payload(i)
             files[f"{base}/annotations/{folder}/{i}.png"] = payload("a" + i, 300)
     files.update(extra or {})
-    return zip_bytes(files)
+    return zip_bytes(files, compression)
 
 
 def md5(data: bytes) -> str:
@@ -421,3 +427,174 @@ def test_download_ade20k_py_fails_with_one_line_and_exit_code(tmp_path, served):
                         "--expect-val", "2"], env)
     assert done.returncode == 0, done.stderr
     assert len(split_files("ade", tmp_path, "train")) == 3
+
+
+def one_error_line(done: subprocess.CompletedProcess) -> str:
+    """The downloader's failure: exit code 2 and one line on stderr, no traceback."""
+    assert done.returncode == 2, (done.returncode, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    return lines[0]
+
+
+def put_file(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+# --- local files, damaged archives, paths of the wrong kind -----------------------------------
+
+
+def test_a_missing_local_file_fails_at_once_with_one_line(tmp_path, served):
+    missing = tmp_path / "mirror" / "VOCtrainval_11-May-2012.tar"
+    env = {"MBS_VOC_TRAINVAL_URL": missing.as_uri(), "MBS_VOC_AUG_URL": served.url("SegmentationClassAug.zip")}
+    started = time.monotonic()
+    done = run_command(["sh", "download_voc.sh", str(tmp_path / "data")], env)  # the default 5 attempts
+    assert time.monotonic() - started < 5  # retries (2 + 4 + 8 + 16 s) are for network errors
+    line = one_error_line(done)
+    assert f"{missing} (No such file or directory)" in line and "MBS_VOC_TRAINVAL_URL" in line
+    assert "resum" not in line.lower()  # nothing to resume from a file that is not there
+
+
+def damaged_member(zip_data: bytes, member: bytes) -> bytes:
+    """``zip_data`` with one byte of a stored member flipped: the zip opens, the member fails its CRC when read."""
+    at = zip_data.index(member) + len(member) // 2
+    return zip_data[:at] + bytes([zip_data[at] ^ 0xFF]) + zip_data[at + 1:]
+
+
+def test_a_corrupt_zip_member_fails_with_one_line_and_the_archive_is_removed(tmp_path):
+    source = put_file(tmp_path / "mirror" / "ADEChallengeData2016.zip",
+                      damaged_member(ade_zip(), payload(ADE_VAL[1])))
+    done = run_command([sys.executable, "download_ade20k.py", str(tmp_path / "data"), "--ade-url", source.as_uri(),
+                        "--ade-checksum", "none", "--expect-train", "3", "--expect-val", "2"], {})
+    line = one_error_line(done)
+    assert f"Bad CRC-32 for file 'ADEChallengeData2016/images/validation/{ADE_VAL[1]}.jpg'" in line
+    assert "was removed" in line and "python download_ade20k.py" in line
+    assert not (tmp_path / "data" / "downloads" / "ADEChallengeData2016.zip").exists()
+    assert not (tmp_path / "data" / "ADEChallengeData2016").exists() and not list((tmp_path / "data").glob(".*.partial"))
+    assert source.is_file()  # the user's own copy is never touched
+
+
+def test_a_damaged_archive_is_not_reused_on_the_next_run(tmp_path, served):
+    """SegmentationClassAug.zip has no published checksum: only extraction can find it damaged."""
+    good = served.files["SegmentationClassAug.zip"]
+    served.files["SegmentationClassAug.zip"] = damaged_member(good, payload("aug" + SBD_ONLY[0], 300))
+    with pytest.raises(DownloadError, match="SegmentationClassAug.zip could not be extracted .Bad CRC-32.*removed"):
+        run_voc(tmp_path, served)
+    assert not (tmp_path / "downloads" / "SegmentationClassAug.zip").exists()
+    assert nothing_half_done(tmp_path)
+    served.files["SegmentationClassAug.zip"] = good  # the server's copy is repaired
+    run_voc(tmp_path, served)
+    assert [start for name, start, _ in served.requests if name == "SegmentationClassAug.zip"] == [0, 0]
+    assert list(split_files("voc", tmp_path, "train").ids) == TRAIN_AUG
+
+
+def test_a_failed_content_check_names_the_kept_archives_to_delete(tmp_path, served):
+    with pytest.raises(DownloadError) as caught:
+        run_voc(tmp_path, served, counts=(10582, 1449))
+    kept = [tmp_path / "downloads" / name for name in ("VOCtrainval_11-May-2012.tar", "SegmentationClassAug.zip")]
+    assert all(path.is_file() for path in kept)
+    assert f"(rm {' '.join(shlex.quote(str(path)) for path in kept)})" in str(caught.value)
+
+
+def test_a_root_that_is_a_file_is_one_line(tmp_path, served):
+    some_file = put_file(tmp_path / "some_file", b"mine")
+    done = run_command([sys.executable, "download_ade20k.py", str(some_file)], {"MBS_ADE_URL": served.url("ADE.zip")})
+    assert one_error_line(done).startswith(f"error: {some_file} is a file, not a folder")
+    assert some_file.read_bytes() == b"mine" and served.requests == []
+
+
+@pytest.mark.parametrize("occupied, kind, named", [
+    ("some_file", "file", "some_file"),                                        # a data root below a file
+    ("data/downloads", "file", "data/downloads"),
+    ("data/downloads/VOCtrainval_11-May-2012.tar/", "folder", "data/downloads/VOCtrainval_11-May-2012.tar"),
+    ("data/downloads/SegmentationClassAug.zip.part/", "folder", "data/downloads/SegmentationClassAug.zip.part"),
+    ("data/VOCdevkit", "file", "data/VOCdevkit"),
+    ("data/.VOC2012.partial", "file", "data/.VOC2012.partial"),
+])
+def test_a_path_of_the_wrong_kind_is_one_line_before_any_download(tmp_path, served, occupied, kind, named):
+    if occupied.endswith("/"):
+        (tmp_path / occupied).mkdir(parents=True)
+    else:
+        put_file(tmp_path / occupied, b"mine")
+    root = tmp_path / ("some_file/data" if occupied == "some_file" else "data")
+    with pytest.raises(DownloadError, match=f"^{tmp_path / named} is a {kind}, not a"):
+        run_voc(root, served)
+    assert served.requests == []
+
+
+def test_the_text_files_are_read_and_written_as_utf8(tmp_path, served):
+    """With the warning for a default (locale) encoding made an error in datasets.download, a VOC download still succeeds."""
+    trainval, aug = voc_archives(served)
+    command = [sys.executable, "-X", "warn_default_encoding", "-W", "error::EncodingWarning:datasets.download", "-c",
+               "import sys; from datasets.download import main; sys.exit(main(sys.argv[1:]))",
+               "voc", str(tmp_path), "--trainval-url", trainval.url, "--trainval-checksum", trainval.checksum,
+               "--aug-url", aug.url, "--expect-train", "5", "--expect-val", "2"]
+    done = run_command(command, {})
+    assert done.returncode == 0, done.stderr
+    assert list(split_files("voc", tmp_path, "train").ids) == TRAIN_AUG
+
+
+# --- a full disk (a real one: a small tmpfs in a private mount namespace) --------------------------
+
+SMALL_DISK = "2m"
+ON_SMALL_DISK = """mount -t tmpfs -o "size=$SMALL_DISK_SIZE" mbs-test "$SMALL_DISK" || exit 97
+"$@"; status=$?
+ls -A "$SMALL_DISK/data" > "$SMALL_DISK_LISTING" 2>&1
+exit $status"""
+
+
+@pytest.fixture(scope="module")
+def small_disk_works(tmp_path_factory):
+    """Skip, saying why, where a tmpfs cannot be mounted in a private mount namespace (needs root or CAP_SYS_ADMIN)."""
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux) to mount a small tmpfs")
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "mount", "-t", "tmpfs", "-o", "size=1m",
+                            "mbs-probe", str(tmp_path_factory.mktemp("probe"))], capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs in a private mount namespace: {probe.stderr.strip()}")
+
+
+def run_on_a_small_disk(tmp_path: Path, command: list[str]) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Run ``command`` with ``tmp_path/small`` a SMALL_DISK tmpfs, seen only by it and gone when it ends; also return
+    what the data root ``small/data`` held at the end."""
+    small, listing = tmp_path / "small", tmp_path / "listing.txt"
+    small.mkdir()
+    env = {"SMALL_DISK": str(small), "SMALL_DISK_SIZE": SMALL_DISK, "SMALL_DISK_LISTING": str(listing)}
+    done = run_command(["unshare", "--mount", "--propagation", "private", "sh", "-c", ON_SMALL_DISK, "sh", *command], env)
+    assert done.returncode != 97, f"the tmpfs was not mounted: {done.stderr}"
+    return done, listing.read_text().split()
+
+
+ZEROS = b"\0" * (8 << 20)  # 8 MiB that compress to a few kB: the archive fits on the small disk, its content not
+
+
+@pytest.mark.parametrize("dataset", ["ade", "voc"])
+def test_a_full_disk_during_extraction_is_one_line(tmp_path, served, small_disk_works, dataset):
+    mirror = tmp_path / "mirror"
+    if dataset == "ade":
+        source = put_file(mirror / "ADE.zip", ade_zip({"ADEChallengeData2016/images/training/zeros.bin": ZEROS},
+                                                      compression=zipfile.ZIP_DEFLATED))
+        command = [sys.executable, "download_ade20k.py", "--ade-url", source.as_uri(), "--ade-checksum", "none"]
+    else:
+        source = put_file(mirror / "VOC.tar.gz", gzip.compress(voc_trainval_tar({"VOCdevkit/VOC2012/zeros.bin": ZEROS})))
+        command = ["bash", "download_voc.sh", "--trainval-url", source.as_uri(), "--trainval-checksum", "none",
+                   "--aug-url", served.url("SegmentationClassAug.zip")]
+    assert source.stat().st_size < 1 << 20
+    done, left = run_on_a_small_disk(tmp_path, [*command, str(tmp_path / "small" / "data")])
+    line = one_error_line(done)
+    assert f"no space left in {tmp_path / 'small' / 'data'} while extracting" in line
+    assert "the extracted data needs about 8.4 MB" in line  # 8 MiB of zeros and the small files
+    assert left == ["downloads"]  # the half-extracted .partial folder is gone, the archives are kept
+
+
+def test_a_full_disk_during_the_download_is_one_line_without_retries(tmp_path, small_disk_works):
+    source = put_file(tmp_path / "mirror" / "ADE.zip", ade_zip({"big.bin": payload("big", 3 << 20)}))  # 3 MiB > 2m
+    started = time.monotonic()
+    done, left = run_on_a_small_disk(tmp_path, [sys.executable, "download_ade20k.py", "--ade-url", source.as_uri(),
+                                                "--ade-checksum", "none", str(tmp_path / "small" / "data")])
+    assert time.monotonic() - started < 5  # no retries: they are for the network
+    line = one_error_line(done)
+    assert f"no space left in {tmp_path / 'small' / 'data' / 'downloads'} to download the ADE20K SceneParsing zip" in line
+    assert "rerun `python download_ade20k.py" in line and left == ["downloads"]
