@@ -3,7 +3,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import IMAGE_SIZE, NUM_TRAIN, NUM_VAL, ROOT, describe, main_command, run, run_options
+import shutil
+
+from tests.helpers import (CLEAN_TRAIN, CLEAN_VAL, IMAGE_SIZE, NUM_TRAIN, NUM_VAL, ROOT, describe, main_command, run,
+                           run_options)
 
 # The standard class lists live beside the checkout (../shared/data); never in the repository.
 SHARED_DATA = Path(os.environ.get("MBS_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -42,3 +45,20 @@ def finished_run(data_root, runs_dir):
     result = run(main_command(options))
     assert result.returncode == 0, describe(result)
     return runs_dir / "e2e", options, result
+
+
+@pytest.fixture(scope="session")
+def clean_data(tmp_path_factory) -> Path:
+    """A small valid synthetic dataset that the bad-input tests copy (``data_copy``) and break."""
+    from datasets.synthetic import generate
+    root = tmp_path_factory.mktemp("clean_data")
+    generate(root, num_train=CLEAN_TRAIN, num_val=CLEAN_VAL, image_size=IMAGE_SIZE, seed=0, progress=False)
+    return root
+
+
+@pytest.fixture
+def data_copy(clean_data, tmp_path) -> Path:
+    """A private copy of the clean dataset (without a class-list cache) to break."""
+    root = tmp_path / "data"
+    shutil.copytree(clean_data, root, ignore=shutil.ignore_patterns("class_lists"))
+    return root

@@ -14,6 +14,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_TRAIN, NUM_VAL, IMAGE_SIZE = 60, 20, 32
+# the dataset the bad-input tests copy and break (tests/conftest.py clean_data): small, so a copy is cheap
+CLEAN_TRAIN, CLEAN_VAL = 16, 8
 STEPS_3 = [list(range(15)), [15, 16, 17], [18, 19, 20]]
 RUN_TIMEOUT = 420  # seconds; a hung run (e.g. a collective waiting forever) fails instead of blocking the suite
 

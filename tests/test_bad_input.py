@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,30 +20,15 @@ from PIL import Image
 
 from datasets.layout import split_files
 from tests.helpers import (
+    CLEAN_TRAIN, CLEAN_VAL, IMAGE_SIZE,
     assert_clean_user_error, describe, error_lines, main_argv, run_in_process, run_options,
 )
 
-NUM_TRAIN, NUM_VAL, IMAGE_SIZE = 16, 8, 32
+NUM_TRAIN, NUM_VAL = CLEAN_TRAIN, CLEAN_VAL  # the sizes of tests/conftest.py's clean_data
 ONE_STEP = [list(range(21))]  # a single step over every class: every training image is used
 
 
 # ------------------------------------------------------------------ data helpers
-@pytest.fixture(scope="session")
-def clean_data(tmp_path_factory) -> Path:
-    from datasets.synthetic import generate
-    root = tmp_path_factory.mktemp("clean_data")
-    generate(root, num_train=NUM_TRAIN, num_val=NUM_VAL, image_size=IMAGE_SIZE, seed=0, progress=False)
-    return root
-
-
-@pytest.fixture
-def data_copy(clean_data, tmp_path) -> Path:
-    """A private copy of the clean dataset (without a class-list cache) to break."""
-    root = tmp_path / "data"
-    shutil.copytree(clean_data, root, ignore=shutil.ignore_patterns("class_lists"))
-    return root
-
-
 def sample(root: Path, split: str, index: int = 0) -> tuple[Path, Path]:
     files = split_files("voc", root, split)
     return files.images[index], files.labels[index]

@@ -7,7 +7,6 @@ Runs that go through ``main.main`` stop at the config or the data preflight: no 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -22,30 +21,13 @@ from datasets.layout import DatasetLayoutError, split_files
 from datasets.tasks import NUM_CLASSES, TaskError, get_task
 from tests.conftest import ROOT
 from tests.test_bad_input import options
-from tests.test_main_e2e import assert_clean_user_error, main_argv, run_in_process
+from tests.helpers import CLEAN_TRAIN, CLEAN_VAL, assert_clean_user_error, main_argv, run_in_process
 from utils.config import ConfigError, load_config
 
-NUM_TRAIN, NUM_VAL, IMAGE_SIZE = 8, 4, 32
 VOC_CLASSES = NUM_CLASSES["voc"]
 
 
 # ------------------------------------------------------------------ helpers
-@pytest.fixture(scope="module")
-def clean_data(tmp_path_factory) -> Path:
-    from datasets.synthetic import generate
-    root = tmp_path_factory.mktemp("input_checks_data")
-    generate(root, num_train=NUM_TRAIN, num_val=NUM_VAL, image_size=IMAGE_SIZE, seed=0, progress=False)
-    return root
-
-
-@pytest.fixture
-def data_copy(clean_data, tmp_path) -> Path:
-    """A private copy of the clean dataset (without a class-list cache) to break."""
-    root = tmp_path / "data"
-    shutil.copytree(clean_data, root, ignore=shutil.ignore_patterns("class_lists"))
-    return root
-
-
 def voc_folder(root: Path) -> Path:
     return root / "VOCdevkit" / "VOC2012"
 
@@ -422,7 +404,7 @@ def test_the_preflight_reports_an_image_training_cannot_read(data_copy, tmp_path
     check = check_split("voc", str(data_copy), split, progress=False)
     assert list(check.bad) == [files.ids[2]] and check.bad[files.ids[2]].startswith(f"{files.images[2]}: {problem}")
     line = one_line_from_main(main_argv(options(data_copy, tmp_path / "runs")), capsys)
-    assert "BadFilesError: data preflight: 1 of the 12 samples" in line and f"{files.images[2]}: {problem}" in line
+    assert f"BadFilesError: data preflight: 1 of the {CLEAN_TRAIN + CLEAN_VAL} samples" in line and f"{files.images[2]}: {problem}" in line
 
 
 @pytest.mark.parametrize("breaks", [bmp_named_jpg, png_16_bit_named_jpg, png_8_bit_named_jpg],
