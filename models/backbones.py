@@ -4,6 +4,12 @@
 torchvision's own download cache, ``$TORCH_HOME/hub/checkpoints``), ``none``
 (random init), or a path to a local state dict in torchvision's ResNet format
 (for clusters without internet; ``fc.*`` keys are ignored).
+
+Stage maps. PLOP distils each stage's pre-activation output: the residual sum of
+its last block before the final ReLU (BASELINES_SPEC 2.1). torchvision's blocks
+add the shortcut and apply their ReLU in place, so that sum never exists as a
+tensor a hook could read. The backbone therefore runs the last block of each
+stage itself (``residual_sum``), out of place, and keeps the sum.
 """
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 from torchvision import models
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from utils.errors import UserError
 
@@ -105,8 +112,29 @@ def _dilate_basic_blocks(layer: nn.Sequential, previous: int, dilation: int) -> 
             conv.dilation, conv.padding = (d, d), (d, d)
 
 
+def residual_sum(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """torchvision's BasicBlock / Bottleneck forward up to the shortcut sum, without the final ReLU:
+    ``relu(residual_sum(block, x))`` equals ``block(x)`` bit for bit (same ops in the same order; the sum is
+    taken out of place so it survives the ReLU)."""
+    out = block.relu(block.bn1(block.conv1(x)))
+    if isinstance(block, Bottleneck):
+        out = block.relu(block.bn2(block.conv2(out)))
+        out = block.bn3(block.conv3(out))
+    elif isinstance(block, BasicBlock):
+        out = block.bn2(block.conv2(out))
+    else:
+        raise TypeError(f"residual_sum knows torchvision's BasicBlock and Bottleneck, not {type(block).__name__}")
+    identity = x if block.downsample is None else block.downsample(x)
+    return out + identity
+
+
 class ResNetBackbone(nn.Module):
-    """ResNet trunk without pooling/fc; returns the last stage's features (B, out_channels, H/os, W/os)."""
+    """ResNet trunk without pooling/fc; returns the last stage's features (B, out_channels, H/os, W/os).
+
+    ``forward_with_stages`` also returns the 4 stages' pre-activation maps (see the module docstring), with
+    ``stage_channels`` channels: (64, 128, 256, 512) for ResNet-18/34, (256, 512, 1024, 2048) for ResNet-50/101;
+    at strides 4, 8, 16, 16 (output stride 16) or 4, 8, 8, 8 (output stride 8).
+    """
 
     def __init__(self, name: str = "resnet101", pretrained: str = "imagenet", output_stride: int = 16):
         super().__init__()
@@ -130,6 +158,31 @@ class ResNetBackbone(nn.Module):
                 _dilate_basic_blocks(net.layer4, 1, 2)
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.stage_channels = tuple((layer[-1].bn3 if bottleneck else layer[-1].bn2).num_features
+                                    for layer in self.stage_layers())
+
+    def stage_layers(self) -> tuple[nn.Sequential, ...]:
+        return self.layer1, self.layer2, self.layer3, self.layer4
+
+    def forward_with_stages(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """x (B, 3, H, W) -> the last stage's features and the 4 stages' pre-activation maps, shallow to deep."""
+        pre_activations: list[torch.Tensor] = []
+        return self._run(x, pre_activations), pre_activations
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
+        return self._run(x, None)
+
+    def _run(self, x: torch.Tensor, pre_activations: list[torch.Tensor] | None) -> torch.Tensor:
+        """The trunk; the features equal those of ``nn.Sequential`` over torchvision's blocks bit for bit.
+        Each stage's pre-activation map is appended to ``pre_activations`` when given (otherwise it is freed
+        at once, as in torchvision, instead of living until the trunk ends)."""
+        x = self.stem(x)
+        for layer in self.stage_layers():
+            *leading, last = layer
+            for block in leading:
+                x = block(x)
+            pre = residual_sum(last, x)
+            if pre_activations is not None:
+                pre_activations.append(pre)
+            x = torch.relu(pre)  # out of place: ``pre`` must survive
+        return x

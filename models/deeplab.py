@@ -8,6 +8,8 @@ rows are the class vectors the orthogonal objective acts on.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,24 +35,43 @@ class DeepLabV3(IncrementalSegmenter):
         )
         self.classifiers = nn.ModuleList(nn.Conv2d(head_channels, n, 1) for n in self.classes_per_step)
 
-    def forward(self, images: torch.Tensor) -> SegmentationOutput:
-        features = self.head(self.aspp(self.backbone(images)))
+    def forward(self, images: torch.Tensor, stages: bool = False) -> SegmentationOutput:
+        """images (B, 3, H, W) -> logits (B, C, H, W), logits_lowres and features at the output stride.
+        ``stages=True`` adds the 4 ResNet stages' pre-activation maps (ResNetBackbone.forward_with_stages;
+        PLOP's ``attentions``, BASELINES_SPEC 2.1); every other output is bit-identical either way."""
+        if stages:
+            trunk, stage_maps = self.backbone.forward_with_stages(images)
+        else:
+            trunk, stage_maps = self.backbone(images), None
+        features = self.head(self.aspp(trunk))
         logits_lowres = torch.cat([classifier(features) for classifier in self.classifiers], dim=1)
         logits = F.interpolate(logits_lowres, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        return SegmentationOutput(logits=logits, logits_lowres=logits_lowres, features=features)
+        return SegmentationOutput(logits=logits, logits_lowres=logits_lowres, features=features, stages=stage_maps)
 
     def class_vectors(self) -> torch.Tensor:
         """(C, D): the rows of the concatenated 1x1 classifier weights."""
         return torch.cat([classifier.weight.flatten(1) for classifier in self.classifiers], dim=0)
 
     @torch.no_grad()
-    def transfer_background_to_new_classes(self) -> None:
-        """Spec 2(a): every class of the last step starts as a copy of background's weight and bias."""
+    def transfer_background_to_new_classes(self, balanced: bool = False) -> None:
+        """Spec 2(a): every class of the last step starts as a copy of background's weight and bias.
+
+        ``balanced=True`` is MiB's "init_balanced" (BASELINES_SPEC 1.4): with ``s = log(C_new + 1)``, the
+        new rows take background's weight and the bias ``b_0 - s``, and background's own bias becomes
+        ``b_0 - s`` too (its weight and the other old rows are unchanged). At every pixel the C_new + 1 equal
+        terms ``exp(w_0 . f + b_0 - s)`` then sum to the old ``exp(w_0 . f + b_0)``, so right after the transfer
+        every old non-background class keeps the old model's probability and background plus the new classes
+        share the old background probability."""
         if len(self.classifiers) < 2:
             raise RuntimeError("background transfer needs a model with at least one incremental step")
         background, new = self.classifiers[0], self.classifiers[-1]
         new.weight.copy_(background.weight[:1].expand_as(new.weight))
-        new.bias.copy_(background.bias[:1].expand_as(new.bias))
+        if not balanced:
+            new.bias.copy_(background.bias[:1].expand_as(new.bias))
+            return
+        shift = math.log(new.out_channels + 1)
+        new.bias.copy_((background.bias[:1] - shift).expand_as(new.bias))
+        background.bias[:1] -= shift
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         return {

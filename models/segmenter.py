@@ -27,6 +27,12 @@ What the methods read: ``features`` = the projected patch outputs before L2-norm
 features the classifier reads, distilled by AFD; ``class_embeddings`` = the projected class outputs before
 normalisation (B, C, D) -- the Transformer's extra MSE term; ``class_vectors()`` = the learned class embeddings
 (C, D) -- background transfer and the orthogonal objective.
+
+Stage maps (``forward(images, stages=True)``; this project's choice, as neither MiB nor PLOP defines a ViT
+version, BASELINES_SPEC 5): the patch tokens after the encoder blocks ``stage_block_indices_for_depth(depth)``
+(0-based: ``ceil(k * depth / 4) - 1`` for k = 1..4, duplicates removed; ViT-B/16, depth 12: blocks 2, 5, 8, 11,
+i.e. the 3rd, 6th, 9th and 12th), before the encoder's final norm, as (B, E, h, w) maps; fewer than 4 when
+depth < 4 (depth 2: blocks 0 and 1).
 """
 from __future__ import annotations
 
@@ -54,6 +60,15 @@ from .base import IncrementalSegmenter, SegmentationOutput
 
 
 POS_EMBED_INTERPOLATIONS = ("reference", "timm")
+
+
+def stage_block_indices_for_depth(depth: int) -> list[int]:
+    """0-based indices of the encoder blocks whose outputs are the stage maps: ``ceil(k * depth / 4) - 1`` for
+    k = 1..4, duplicates removed, in order. depth 12 -> [2, 5, 8, 11]; 6 -> [1, 2, 4, 5]; 4 -> [0, 1, 2, 3];
+    2 -> [0, 1]; 1 -> [0]. The last index is always the last block."""
+    if depth < 1:
+        raise ValueError(f"an encoder needs at least one block, got depth {depth}")
+    return sorted({math.ceil(k * depth / 4) - 1 for k in range(1, 5)})
 
 
 def vit_encoder_kwargs(image_size: int, dropout: float = 0.0, drop_path_rate: float = 0.0,
@@ -273,13 +288,27 @@ class Segmenter(IncrementalSegmenter):
         t = len(self.classes_per_step) - 1
         return [f"class_embeddings.{t}", f"mask_norms.{t}.weight", f"mask_norms.{t}.bias"]
 
-    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """images (B, 3, H, W) -> patch tokens (B, h*w, E) and the grid (h, w) = (ceil(H/p), ceil(W/p))."""
-        tokens = self.encoder.forward_features(images)[:, self.encoder.num_prefix_tokens:]
+    @property
+    def stage_block_indices(self) -> list[int]:
+        """0-based indices of the encoder blocks whose outputs ``forward(..., stages=True)`` returns."""
+        return stage_block_indices_for_depth(len(self.encoder.blocks))
+
+    def encode(self, images: torch.Tensor, stages: bool = False
+               ) -> tuple[torch.Tensor, tuple[int, int], list[torch.Tensor] | None]:
+        """images (B, 3, H, W) -> patch tokens (B, h*w, E), the grid (h, w) = (ceil(H/p), ceil(W/p)) and, with
+        ``stages``, the stage maps (B, E, h, w) (None without). timm's forward_intermediates runs the same
+        patch embedding, position embedding (this encoder's own resampling included) and blocks as
+        forward_features, one block at a time, so the final tokens are the same either way."""
+        if stages:
+            tokens, stage_maps = self.encoder.forward_intermediates(
+                images, indices=self.stage_block_indices, output_fmt="NCHW", norm=False)
+        else:
+            tokens, stage_maps = self.encoder.forward_features(images), None
+        tokens = tokens[:, self.encoder.num_prefix_tokens:]
         grid = (math.ceil(images.shape[-2] / self.patch_size[0]), math.ceil(images.shape[-1] / self.patch_size[1]))
         if tokens.shape[1] != grid[0] * grid[1]:
             raise RuntimeError(f"encoder returned {tokens.shape[1]} patch tokens, expected a {grid} grid")
-        return tokens, grid
+        return tokens, grid, stage_maps
 
     def normalize_masks(self, masks: torch.Tensor) -> torch.Tensor:
         """(B, N, C) -> (B, N, C): standardise over all C channels at each patch (unbiased std, eps added to
@@ -290,11 +319,12 @@ class Segmenter(IncrementalSegmenter):
         bias = torch.cat([norm.bias for norm in self.mask_norms]).to(masks.dtype)
         return (masks - mean) / (std + self.mask_norm_eps) * weight + bias
 
-    def forward(self, images: torch.Tensor) -> SegmentationOutput:
+    def forward(self, images: torch.Tensor, stages: bool = False) -> SegmentationOutput:
         """images (B, 3, H, W) -> logits (B, C, H, W), logits_lowres (B, C, h, w), features (B, D, h, w),
-        class_embeddings (B, C, D); h, w = ceil(H/p), ceil(W/p)."""
+        class_embeddings (B, C, D); h, w = ceil(H/p), ceil(W/p). ``stages=True`` adds the encoder's stage maps
+        (B, E, h, w), one per ``stage_block_indices`` entry (see the module docstring)."""
         B, _, H, W = images.shape
-        tokens, (h, w) = self.encode(images)
+        tokens, (h, w), stage_maps = self.encode(images, stages)
         n_patches = h * w
         x = self.proj_dec(tokens)                                                   # (B, N, D)
         classes = self.class_vectors().unsqueeze(0).expand(B, -1, -1)              # (B, C, D)
@@ -316,22 +346,39 @@ class Segmenter(IncrementalSegmenter):
             logits = F.interpolate(logits_lowres, size=padded, mode="bilinear", align_corners=False)[..., :H, :W]
         features = patches.transpose(1, 2).reshape(B, self.decoder_dim, h, w)
         return SegmentationOutput(logits=logits, logits_lowres=logits_lowres, features=features,
-                                  class_embeddings=class_out)
+                                  class_embeddings=class_out, stages=stage_maps)
 
     def class_vectors(self) -> torch.Tensor:
         """(C, D): the learned class embeddings of all steps in step order (the parameters; gradients flow)."""
         return torch.cat([embedding[0] for embedding in self.class_embeddings], dim=0)
 
     @torch.no_grad()
-    def transfer_background_to_new_classes(self) -> None:
+    def transfer_background_to_new_classes(self, balanced: bool = False) -> None:
         """Spec 2(a): every class embedding of the last step becomes a copy of background's (row 0 of step 0).
 
         Only the class embeddings are copied, as the spec names them; the new step's mask-norm affine keeps
-        its fresh init (weight 1, bias 0)."""
+        its fresh init (weight 1, bias 0).
+
+        ``balanced=True`` is this project's version of MiB's "init_balanced" (BASELINES_SPEC 1.4) on the mask
+        norm, whose affine parameters play the classifier bias's role: with ``s = log(C_new + 1)``, the new
+        step's mask-norm weights copy background's, their biases are background's minus ``s``, and
+        background's mask-norm bias is lowered by ``s`` as well; the class embeddings are copied as above.
+        Unlike on DeepLab this does not preserve the old model's probabilities exactly: the mask norm
+        standardises each patch over all C channels, so the new channels move the mean and std every old
+        logit is standardised with (and the new class tokens also join the decoder's self-attention).
+        Background and the new classes do start with equal logits (equal embeddings, equal affine
+        parameters)."""
         if len(self.class_embeddings) < 2:
             raise RuntimeError("background transfer needs a model with at least one incremental step")
         background, new = self.class_embeddings[0], self.class_embeddings[-1]
         new.copy_(background[:, :1].expand_as(new))
+        if not balanced:
+            return
+        background_norm, new_norm = self.mask_norms[0], self.mask_norms[-1]
+        shift = math.log(new_norm.bias.numel() + 1)
+        new_norm.weight.copy_(background_norm.weight[:1].expand_as(new_norm.weight))
+        new_norm.bias.copy_((background_norm.bias[:1] - shift).expand_as(new_norm.bias))
+        background_norm.bias[:1] -= shift
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """backbone: the ViT encoder; head: the decoder, projections, class embeddings and mask norms."""
