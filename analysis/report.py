@@ -44,6 +44,8 @@ from utils.results import MEAN_COLUMNS, METRIC_NOTE, REFERENCE_COLUMN, markdown_
 
 # The method switches that default to the method's preset (null); one set explicitly makes an ablation.
 _METHOD_SWITCHES = frozenset(f.name for f in fields(MethodConfig) if f.default is None)
+# The result keys (results.json, per step) a published source may name as the counterpart of its numbers.
+RESULT_KEYS = frozenset(key for key, _ in MEAN_COLUMNS) | {REFERENCE_COLUMN[0]}
 PUBLISHED_FILE = Path(__file__).resolve().parents[1] / "benchmarks" / "published.yaml"
 
 
@@ -229,13 +231,14 @@ def runs_csv(runs: list[Run]) -> str:
 # ------------------------------------------------------------------ published numbers
 @dataclass(frozen=True)
 class PublishedSource:
-    """Where a set of published numbers comes from and the protocol that produced them."""
+    """Where a set of published numbers comes from (one table of a paper), the protocol that produced them,
+    and how its old / new / all are computed: in words (``*_metric``) and as the result keys of ours computed
+    the same way (``*_key``), so a run is compared in the source's convention."""
 
     key: str
     paper: str
     table: Optional[str]
-    what: str              # e.g. "the MBS authors' official code, re-run by the paper's authors"
-    method: str            # our method.name it corresponds to
+    what: str              # who ran what, and the protocol differences a run folder cannot show
     architecture: str      # our model.architecture
     backbone: str          # a prefix of our model.backbone (timm name)
     checkpoint_policy: str
@@ -245,11 +248,23 @@ class PublishedSource:
     old_metric: str
     new_metric: str
     all_metric: str
+    old_key: str           # e.g. miou_old_no_bg (MBS's tables) or miou_old (MiB's, PLOP's)
+    new_key: str
+    all_key: str
+
+    @property
+    def keys(self) -> tuple[str, str, str]:
+        return self.old_key, self.new_key, self.all_key
+
+    @property
+    def title(self) -> str:
+        return f"{self.paper}, {self.table}" if self.table else self.paper
 
 
 @dataclass(frozen=True)
 class PublishedResult:
     source: PublishedSource
+    method: str            # our method.name the row reports (one table may hold several methods)
     dataset: str
     task: str
     setting: str
@@ -271,13 +286,18 @@ def load_published(path: Path = PUBLISHED_FILE) -> list[PublishedResult]:
         missing = [name for name in wanted if name not in (entry or {})]
         if missing:
             raise ReportError(f"{path}: source {key!r} lacks {', '.join(missing)}")
+        unknown = [f"{name}: {entry[name]!r}" for name in ("old_key", "new_key", "all_key")
+                   if entry[name] not in RESULT_KEYS]
+        if unknown:
+            raise ReportError(f"{path}: source {key!r} names no result key in {', '.join(unknown)} "
+                              f"(one of {', '.join(sorted(RESULT_KEYS))})")
         sources[key] = PublishedSource(key, **{name: entry[name] for name in wanted})
     results = []
     for number, entry in enumerate((content or {}).get("results", []), 1):
         try:
-            results.append(PublishedResult(sources[entry["source"]], str(entry["dataset"]), str(entry["task"]),
-                                           str(entry["setting"]), float(entry["old"]), float(entry["new"]),
-                                           float(entry["all"])))
+            results.append(PublishedResult(sources[entry["source"]], str(entry["method"]), str(entry["dataset"]),
+                                           str(entry["task"]), str(entry["setting"]), float(entry["old"]),
+                                           float(entry["new"]), float(entry["all"])))
         except (KeyError, TypeError, ValueError) as err:
             raise ReportError(f"{path}: result {number} ({entry}) is malformed or names an unknown source: "
                               f"{err!r}") from None
@@ -289,13 +309,13 @@ def _method_name(meta: dict) -> str:
 
 
 def published_for(run: Run, published: list[PublishedResult]) -> list[PublishedResult]:
-    """Published numbers of the run's protocol: dataset, standard task and setting, method and model family.
-    Only finished runs match (published numbers are after the last step)."""
+    """Published numbers of the run's protocol: dataset, standard task and setting, method (the row's: mbs,
+    mib, plop ...) and model family. Only finished runs match (published numbers are after the last step)."""
     architecture, _, backbone = str(run.meta.get("architecture", "")).partition(" ")
     return [p for p in published
             if run.finished and run.class_order is None and p.dataset == run.meta.get("dataset")
             and p.task == run.meta.get("task") and p.setting == run.meta.get("setting")
-            and p.source.method == _method_name(run.meta) and p.source.architecture == architecture
+            and p.method == _method_name(run.meta) and p.source.architecture == architecture
             and backbone.startswith(p.source.backbone)]
 
 
@@ -322,40 +342,48 @@ def _signed(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:+.2f}"
 
 
+def _as_published(value: float) -> str:
+    """A published number with its paper's precision: one decimal (MiB, MBS's tables) or two (PLOP)."""
+    return f"{value:.1f}" if round(value, 1) == value else f"{value:.2f}"
+
+
 def published_table(runs: list[Run], published: list[PublishedResult]) -> str:
     """Markdown: every run that shares a protocol with published numbers, each published row under it with
-    the difference (ours - published), compared like with like."""
-    header = ["protocol", "numbers from", "old w/o bg", "new", "all (ref. metric)", "Δ old", "Δ new", "Δ all",
-              "differs from the published protocol"]
-    rows = []
+    the difference (ours - published), compared like with like: our numbers are given in each source's
+    convention (its result keys), one row of ours per convention among the run's matches."""
+    header = ["protocol", "numbers from", *(f"{name} (the source's convention)" for name in ("old", "new", "all")),
+              "Δ old", "Δ new", "Δ all", "differs from the published protocol"]
+    rows, shown = [], {}
     for run in runs:
         matches = published_for(run, published)
-        if not matches:
-            continue
-        ours = [run.last.get("miou_old_no_bg"), run.last.get("miou_new"), run.last.get("miou_all_reference")]
-        ours = [None if value is None else 100 * value for value in ours]
-        protocol = f"{run.meta['dataset']} {run.meta['task']} {run.meta['setting']}"
-        rows.append([protocol, f"ours: {run.label} ({run.meta.get('architecture')}, "
-                     f"{run.meta.get('checkpoint_policy')} checkpoints)",
-                     *("-" if v is None else f"{v:.2f}" for v in ours), "", "", "", ""])
+        protocol = f"{run.meta.get('dataset')} {run.meta.get('task')} {run.meta.get('setting')}"
+        conventions: dict[tuple[str, str, str], list[PublishedResult]] = {}
         for p in matches:
-            source = p.source
-            table = f", {source.table}" if source.table else ""
-            deltas = [None if mine is None else mine - theirs for mine, theirs in zip(ours, (p.old, p.new, p.all))]
-            rows.append(["", f"{source.paper}{table}: {source.what}", f"{p.old:.1f}", f"{p.new:.1f}",
-                         f"{p.all:.1f}", *map(_signed, deltas), "; ".join(protocol_differences(run, source)) or "-"])
+            conventions.setdefault(p.source.keys, []).append(p)
+        for keys, same_convention in conventions.items():
+            ours = [None if run.last.get(key) is None else 100 * run.last[key] for key in keys]
+            rows.append([protocol, f"ours: {run.label} ({run.meta.get('architecture')}, "
+                         f"{run.meta.get('checkpoint_policy')} checkpoints; {' / '.join(keys)})",
+                         *("-" if v is None else f"{v:.2f}" for v in ours), "", "", "", ""])
+            for p in same_convention:
+                shown[p.source.key] = p.source
+                deltas = [None if mine is None else mine - theirs
+                          for mine, theirs in zip(ours, (p.old, p.new, p.all))]
+                rows.append(["", f"{p.source.title}: {p.method}", *map(_as_published, (p.old, p.new, p.all)),
+                             *map(_signed, deltas), "; ".join(protocol_differences(run, p.source)) or "-"])
     if not rows:
         return "No run shares its protocol (dataset, standard task, setting, method, model family) with an entry of " \
                "the published numbers, or none has finished its last step."
-    sources = {p.source.key: p.source for p in published}
-    how = "\n".join(f"- {s.paper}: old = {s.old_metric}; new = {s.new_metric}; all = {s.all_metric}."
-                    for s in sources.values())
-    return (f"{markdown_table(header, rows)}\n\nHow each number is computed (mIoU %, after the last step). "
-            "Ours, in the published convention: old w/o bg = mean IoU of the step-0 classes without background "
-            "(`miou_old_no_bg`; zeros counted), new = mean IoU of the later classes (`miou_new`; zeros counted), "
-            "all (ref. metric) = mean IoU over the classes whose IoU is non-zero, background included "
-            "(`miou_all_reference`). Our headline numbers (the tables above) count every zero and include "
-            f"background in old. Δ = ours - published.\n{how}")
+    how = "\n".join(f"- {s.title}: {s.what}. old = {s.old_metric}; new = {s.new_metric}; all = {s.all_metric}. "
+                    f"Ours: `{s.old_key}` / `{s.new_key}` / `{s.all_key}`." for s in shown.values())
+    return (f"{markdown_table(header, rows)}\n\nHow each number is computed (mIoU %, after the last step). Each "
+            "source has its own convention, and the row of ours above its numbers names the keys of our "
+            "results.json computed the same way: `miou_old` = the step-0 classes (background included on VOC), "
+            "`miou_old_no_bg` = the same without background, `miou_new` = the later classes, `miou_all` = every "
+            "class seen, each with zero IoUs counted; `miou_all_reference` = the classes whose IoU is non-zero, "
+            "background included. Our headline numbers (the tables above) are `miou_old` / `miou_new` / "
+            "`miou_all`. Δ = ours - published.\n"
+            f"{how}")
 
 
 # ------------------------------------------------------------------ plot

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from analysis.report import (PUBLISHED_FILE, ReportError, collect_runs, load_pub
                           plot_panels, published_for)
 
 VOC_15_1 = {"dataset": "voc", "task": "15-1"}
+REPO = Path(__file__).resolve().parents[1]
 
 
 def make_run(root: Path, name: str, *, setting="overlapped", method="mbs", architecture="deeplabv3 resnet101",
@@ -39,6 +42,7 @@ def make_run(root: Path, name: str, *, setting="overlapped", method="mbs", archi
 
 
 MEANS = {"miou_old": 0.7, "miou_new": 0.4, "miou_all": 0.6, "miou_old_no_bg": 0.65, "miou_all_reference": 0.62}
+MBS_KEYS = ("miou_old_no_bg", "miou_new", "miou_all_reference")
 
 
 def test_papers_table_rows_methods_columns_settings(tmp_path, capsys):
@@ -104,8 +108,8 @@ def test_published_numbers_beside_a_matching_run(tmp_path):
     assert report_main([str(tmp_path / n) for n in ("vit", "r101", "vit_half")]
                        + ["--out", str(out), "--published"]) == 0
     section = out.read_text().split("## Published numbers beside ours")[1]
-    assert "| voc 15-1 overlapped | ours: vit (segmenter vit_base_patch16_384, best checkpoints) | 81.00 | 70.00 | " \
-           "78.50 |" in section
+    assert "| voc 15-1 overlapped | ours: vit (segmenter vit_base_patch16_384, best checkpoints; miou_old_no_bg / " \
+           "miou_new / miou_all_reference) | 81.00 | 70.00 | 78.50 |" in section
     # SELECT: 82.3 / 69.0 / 79.0; Parameter Release: 81.9 / 65.6 / 78.0 (VOC 15-1 overlapped); delta = ours - theirs
     assert "| 82.3 | 69.0 | 79.0 | -1.30 | +1.00 | -0.50 | - |" in section
     assert "| 81.9 | 65.6 | 78.0 | -0.90 | +4.40 | +0.50 | - |" in section
@@ -126,11 +130,104 @@ def test_published_differences_are_named(tmp_path):
 
 def test_published_file_holds_the_seeded_numbers():
     published = load_published(PUBLISHED_FILE)
-    assert len(published) == 21
-    by_key = {(p.source.key, p.dataset, p.task, p.setting): (p.old, p.new, p.all) for p in published}
-    assert by_key[("select_bmvc2026", "ade", "100-5", "overlapped")] == (44.4, 22.1, 38.8)
-    assert by_key[("parameter_release_iclr2026", "voc", "15-5", "disjoint")] == (82.7, 68.6, 79.3)
-    assert all(p.source.backbone == "vit_base_patch16" and p.source.method == "mbs" for p in published)
+    assert len(published) == 34
+    by_key = {(p.source.key, p.method, p.dataset, p.task, p.setting): (p.old, p.new, p.all) for p in published}
+    assert by_key[("select_bmvc2026", "mbs", "ade", "100-5", "overlapped")] == (44.4, 22.1, 38.8)
+    assert by_key[("parameter_release_iclr2026", "mbs", "voc", "15-5", "disjoint")] == (82.7, 68.6, 79.3)
+    mbs = [p for p in published if p.method == "mbs"]
+    assert len(mbs) == 21
+    assert all(p.source.backbone == "vit_base_patch16" and p.source.keys == MBS_KEYS for p in mbs)
+
+
+def test_published_file_holds_mib_and_plop_numbers():
+    """The rows of BASELINES_SPEC section 4 (issue 18, 1.9), one source per table, in MiB's / PLOP's convention;
+    PLOP's ADE20K table (only in the paper) is not there."""
+    published = load_published(PUBLISHED_FILE)
+    by_key = {(p.source.key, p.method, p.dataset, p.task, p.setting): (p.old, p.new, p.all) for p in published}
+    expected = {
+        ("mib_cvpr2020_table1", "mib", "voc", "19-1", "disjoint"): (69.6, 25.6, 67.4),
+        ("mib_cvpr2020_table1", "mib", "voc", "19-1", "overlapped"): (70.2, 22.1, 67.8),
+        ("mib_cvpr2020_table1", "mib", "voc", "15-5", "disjoint"): (71.8, 43.3, 64.7),
+        ("mib_cvpr2020_table1", "mib", "voc", "15-5", "overlapped"): (75.5, 49.4, 69.0),
+        ("mib_cvpr2020_table1", "mib", "voc", "15-1", "disjoint"): (46.2, 12.9, 37.9),
+        ("mib_cvpr2020_table1", "mib", "voc", "15-1", "overlapped"): (35.1, 13.5, 29.7),
+        ("mib_cvpr2020_table2", "mib", "ade", "100-50", "overlapped"): (37.9, 27.9, 34.6),
+        ("plop_cvpr2021_table1", "plop", "voc", "19-1", "overlapped"): (75.35, 37.35, 73.54),
+        ("plop_cvpr2021_table1", "plop", "voc", "15-5", "overlapped"): (75.73, 51.71, 70.09),
+        ("plop_cvpr2021_table1", "plop", "voc", "15-1", "overlapped"): (65.12, 21.11, 54.64),
+        ("plop_cvpr2021_table1", "mib", "voc", "19-1", "overlapped"): (71.43, 23.59, 69.15),
+        ("plop_cvpr2021_table1", "mib", "voc", "15-5", "overlapped"): (76.37, 49.97, 70.08),
+        ("plop_cvpr2021_table1", "mib", "voc", "15-1", "overlapped"): (34.22, 13.50, 29.29),
+    }
+    assert {key: value for key, value in by_key.items() if key[1] != "mbs"} == expected
+    for p in published:
+        if p.method != "mbs":
+            source = p.source
+            assert (source.architecture, source.backbone, source.checkpoint_policy, source.eval_mode,
+                    source.base_size, source.crop_size) == ("deeplabv3", "resnet101", "last", "center_crop", 512, 512)
+            assert source.keys == ("miou_old", "miou_new", "miou_all")
+    # PLOP's Table 1: all is the class-weighted mean of old (with background) and new, as the spec notes (to 0.01,
+    # PLOP's 15-5 to 0.08): a number copied wrong breaks it.
+    for (key, method, _, task, _), (old, new, all_) in expected.items():
+        if key.startswith("plop"):
+            num_old = int(task.split("-")[0]) + 1
+            assert abs((num_old * old + (21 - num_old) * new) / 21 - all_) <= (0.08 if task == "15-5" else 0.01)
+
+
+def test_mib_and_plop_runs_beside_their_rows_in_the_sources_convention(tmp_path):
+    """A finished MiB DeepLab R101 run is set beside MiB's own Table 1 and PLOP's re-run with miou_old / miou_new /
+    miou_all; an MBS run beside the MBS rows with miou_old_no_bg / miou_new / miou_all_reference. The reference
+    means differ from the standard ones, so the wrong convention gives other differences."""
+    means = {"miou_old": 0.40, "miou_old_no_bg": 0.30, "miou_new": 0.20, "miou_all": 0.35, "miou_all_reference": 0.45}
+    mib = make_run(tmp_path, "mib_r101", method="mib", means=means)
+    make_run(tmp_path, "plop_r101", method="plop", task="19-1", last_step=1, means=means)
+    make_run(tmp_path, "mib_dis", method="mib", setting="disjoint", means=means)
+    make_run(tmp_path, "mbs_vit", architecture="segmenter vit_base_patch16_384", policy="best", means=MEANS)
+    runs = {run.name: run for run in collect_runs(sorted(tmp_path.iterdir())).runs}
+    published = load_published()
+    assert [(p.source.key, p.method) for p in published_for(runs["mib_r101"], published)] == [
+        ("mib_cvpr2020_table1", "mib"), ("plop_cvpr2021_table1", "mib")]
+    assert [(p.source.key, p.method) for p in published_for(runs["plop_r101"], published)] == [
+        ("plop_cvpr2021_table1", "plop")]
+    assert [p.source.key for p in published_for(runs["mib_dis"], published)] == ["mib_cvpr2020_table1"]
+
+    out = tmp_path / "summary.md"
+    assert report_main([str(tmp_path / name) for name in runs] + ["--out", str(out), "--published"]) == 0
+    section = out.read_text().split("## Published numbers beside ours")[1]
+    assert "| old (the source's convention) | new (the source's convention) | all (the source's convention) |" \
+           in section
+    assert ("| voc 15-1 overlapped | ours: mib_r101 (deeplabv3 resnet101, last checkpoints; miou_old / miou_new / "
+            "miou_all) | 40.00 | 20.00 | 35.00 |") in section
+    # MiB, Table 1 (15-1 overlapped): 35.1 / 13.5 / 29.7; PLOP's re-run: 34.22 / 13.50 / 29.29
+    assert "Table 1 (voc-tab.png in fcdl94/MiB): mib | 35.1 | 13.5 | 29.7 | +4.90 | +6.50 | +5.30 | - |" in section
+    assert "CVPR2021_PLOP): mib | 34.22 | 13.5 | 29.29 | +5.78 | +6.50 | +5.71 | - |" in section
+    # PLOP, Table 1 (19-1 overlapped): 75.35 / 37.35 / 73.54
+    assert "CVPR2021_PLOP): plop | 75.35 | 37.35 | 73.54 | -35.35 | -17.35 | -38.54 | - |" in section
+    # MiB disjoint 15-1: 46.2 / 12.9 / 37.9
+    assert "| voc 15-1 disjoint | ours: mib_dis" in section and "| 46.2 | 12.9 | 37.9 | -6.20 | +7.10 | -2.90 |" in section
+    # the MBS run keeps MBS's convention: old w/o bg 65.00, all (ref. metric) 62.00 against SELECT's 82.3 / 79.0
+    assert ("| voc 15-1 overlapped | ours: mbs_vit (segmenter vit_base_patch16_384, best checkpoints; miou_old_no_bg "
+            "/ miou_new / miou_all_reference) | 65.00 | 40.00 | 62.00 |") in section
+    assert "SELECT (BMVC 2026): mbs | 82.3 | 69.0 | 79.0 | -17.30 | -29.00 | -17.00 |" in section
+    # the note prints each shown source's definitions and what a run folder cannot show
+    assert "- MiB (Cermelli et al., CVPR 2020), Table 1 (voc-tab.png in fcdl94/MiB): " in section
+    assert "labels the column 1-15 / 1-19" in section and "in-place ABN" in section
+    assert "apex O1 mixed precision" in section and "its own half of the step's images" in section
+
+    # the command line on the one run
+    done = subprocess.run([sys.executable, "-m", "analysis.report", str(mib), "--published"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "ours: mib_r101 (deeplabv3 resnet101, last checkpoints; miou_old / miou_new / miou_all)" in done.stdout
+
+
+def test_published_source_must_name_result_keys(tmp_path):
+    content = yaml.safe_load(PUBLISHED_FILE.read_text())
+    content["sources"]["mib_cvpr2020_table1"]["old_key"] = "old"
+    bad = tmp_path / "published.yaml"
+    bad.write_text(yaml.safe_dump(content))
+    with pytest.raises(ReportError, match="source 'mib_cvpr2020_table1' names no result key in old_key: 'old'"):
+        load_published(bad)
 
 
 def test_published_matching_needs_the_standard_order(tmp_path):

@@ -37,6 +37,28 @@ def test_main_sh_dry_run_prints_every_voc_command(shell):
 
 
 @pytest.mark.parametrize("shell", SHELLS)
+def test_main_sh_dry_run_runs_every_method_of_a_list(shell):
+    """METHOD="mbs mib plop": the whole VOC suite once per method, each run named after its method (no two runs
+    share a folder), then one summary of all of them."""
+    done = run_script(shell, ["main.sh", "voc"], {"DRY_RUN": "1", "PYTHON": "false", "GPUS": "1", "OUT": "runs",
+                                                  "METHOD": "mbs mib plop", "VOC_ROOT": "data", "EXTRA": ""})
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    methods = ["mbs", "mib", "plop"]
+    runs = [(method, f"voc_{task}_{setting}_r101_{method}")
+            for method in methods for task in VOC_TASKS for setting in ("overlapped", "disjoint")]
+    assert len(lines) == len(runs) + 1
+    for line, (method, name) in zip(lines, runs):
+        assert line.startswith(f"+ false main.py --config configs/voc.yaml --resume --opt name={name} ")
+        assert f" method.name={method} " in line
+    summary = lines[-1].split()
+    assert summary[:4] == ["+", "false", "-m", "analysis.report"]
+    assert summary[4:-5] == [f"runs/{name}" for _, name in runs]
+    assert summary[-5:] == ["--out", "runs/summary_voc_mbs-mib-plop.md", "--plot", "runs/summary_voc_mbs-mib-plop.png",
+                            "--published"]
+
+
+@pytest.mark.parametrize("shell", SHELLS)
 def test_download_voc_sh_help(shell):
     done = run_script(shell, ["download_voc.sh", "--help"], {})
     assert done.returncode == 0, done.stderr
