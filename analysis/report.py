@@ -36,14 +36,13 @@ from typing import Optional
 
 import yaml
 
-from utils.config import MethodConfig, figure_formats
+from utils.config import DATASET_CLASSES, figure_formats
 from utils.errors import UserError, one_line
 from utils.files import atomic_write_text
+from utils.presets import PRESET_KEYS, PRESETS, preset_value
 from utils.run_folder import RunFolder, RunFolderError
 from utils.results import MEAN_COLUMNS, METRIC_NOTE, REFERENCE_COLUMN, markdown_table, mean_columns, percent
 
-# The method switches that default to the method's preset (null); one set explicitly makes an ablation.
-_METHOD_SWITCHES = frozenset(f.name for f in fields(MethodConfig) if f.default is None)
 # The result keys (results.json, per step) a published source may name as the counterpart of its numbers.
 RESULT_KEYS = frozenset(key for key, _ in MEAN_COLUMNS) | {REFERENCE_COLUMN[0]}
 PUBLISHED_FILE = Path(__file__).resolve().parents[1] / "benchmarks" / "published.yaml"
@@ -330,12 +329,23 @@ def protocol_differences(run: Run, source: PublishedSource) -> list[str]:
     if ours[0] != theirs[0] or (ours[0] == "center_crop" and ours != theirs):
         differences.append(f"evaluation {run.evaluation} here, {source.eval_mode} "
                            f"(short side {source.base_size}, crop {source.crop_size}) there")
-    changed = {key: value for key, value in run.config.get("method", {}).items()
-               if isinstance(value, bool) and key in _METHOD_SWITCHES}
+    changed = method_keys_set_apart_from_the_preset(run)
     if changed:
-        differences.append("method switches set explicitly (not the preset): "
+        differences.append("method keys set explicitly to other values than the preset's: "
                            + ", ".join(f"{key}={value}" for key, value in changed.items()))
     return differences
+
+
+def method_keys_set_apart_from_the_preset(run: Run) -> dict:
+    """The method keys a preset resolves (switches and dataset-dependent weights) that the run's config sets to
+    another value than its preset gives on its dataset. A value written out equal to the preset's is none: a
+    run saved before the weights were resolved holds ``output_distill_weight: 25.0`` explicitly."""
+    method = run.config.get("method", {})
+    name, dataset = method.get("name"), run.data("dataset", run.meta.get("dataset"))
+    if name not in PRESETS or dataset not in DATASET_CLASSES:
+        return {}
+    return {key: value for key, value in method.items()
+            if key in PRESET_KEYS and value is not None and value != preset_value(name, key, dataset)}
 
 
 def _signed(value: Optional[float]) -> str:

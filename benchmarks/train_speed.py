@@ -7,7 +7,9 @@ benchmarks/pipeline.py for the loader):
 - ``step0``: ``trainer.engine.train_iteration`` of VOC 15-1 step 0 (one classifier, cross-entropy only);
 - ``incremental_mbs``: the same at VOC 15-1 step 1 (model [16, 1], the frozen old model [16], the MBS method
   with every component on), built as the trainer builds it (``trainer.step.StepRun``);
-- ``evaluation``: ``trainer.engine.evaluate`` on batches of ``train.val_batch_size`` images.
+- ``evaluation``: ``trainer.engine.evaluate`` on batches of ``train.val_batch_size`` images;
+- ``incremental_<name>`` (``--methods mib plop``): step 1 with another preset; a method with a per-step pass
+  (PLOP's thresholds) runs it over the synthetic batch before the timing, as the trainer does before training.
 
 Each configuration runs in a fresh process (peak memory of one configuration only). Warm-up iterations are
 left out; on CUDA the clock is read after ``torch.cuda.synchronize``. Images/s: median and min over the timed
@@ -51,11 +53,12 @@ from datasets.class_lists import read_class_lists
 from utils.ignore import IGNORE_INDEX
 from datasets.splits import selection_image_ids, step_image_ids
 from datasets.tasks import NUM_CLASSES, Task, get_task
-from trainer.engine import device_batch, evaluate, train_iteration
+from trainer.engine import collect_step_statistics, device_batch, evaluate, train_iteration
 from trainer.methods import build_method
 from trainer.step import StepRun, TrainState, plan_step, step_models, validation_due
 from utils.config import Config, load_config
-from utils.distributed import DistContext, init_distributed
+from utils.distributed import DistContext, init_distributed, sum_over_processes
+from utils.presets import PRESETS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -178,7 +181,7 @@ def build_run(cfg: Config, task: Task, step: int, ctx: DistContext) -> StepRun:
     """The StepRun the trainer would build for ``step``, from random weights instead of a checkpoint (the
     trainer's own trainer.step.step_models)."""
     torch.manual_seed(cfg.seed)
-    method = build_method(cfg.method, task.num_old_channels(step), task.num_channels(step))
+    method = build_method(cfg.method, cfg.data.dataset, task.num_old_channels(step), task.num_channels(step))
     model, old_model = step_models(cfg.model, task, step, method, cfg.data.crop_size)
     counts, _ = train_image_counts(cfg, task)
     plan = plan_step(cfg.train, step, counts[step])
@@ -187,13 +190,18 @@ def build_run(cfg: Config, task: Task, step: int, ctx: DistContext) -> StepRun:
 
 def prepared_step(spec: dict, step: int, ctx: DistContext, method: Optional[str] = None
                   ) -> tuple[Config, Task, StepRun, tuple[torch.Tensor, torch.Tensor]]:
-    """Step ``step`` of the VOC 15-1 recipe (``method``: the config's by default) as the trainer builds it, in
-    training mode, and a synthetic batch of its labels on the device."""
-    cfg = benchmark_config(RECIPES[spec["arch"]]["voc"], spec["arch"], {**spec, "method": method})
+    """Step ``step`` of the VOC 15-1 recipe (``method``: ``spec["method"]``, else the config's) as the trainer
+    builds it, in training mode, and a synthetic batch of its labels on the device. A method with a per-step
+    pass (PLOP's thresholds) has run it over that batch, as the trainer runs it before the first iteration."""
+    cfg = benchmark_config(RECIPES[spec["arch"]]["voc"], spec["arch"],
+                           {**spec, "method": method or spec.get("method")})
     task = get_task(cfg.data.dataset, cfg.data.task, cfg.data.custom_steps)
     run = build_run(cfg, task, step, ctx)
     images, labels = synthetic_batch(cfg.train.batch_size, cfg.data.crop_size, step_label_channels(task, step),
                                      ctx.device, torch.Generator().manual_seed(1))
+    if run.method.needs_step_statistics:
+        collect_step_statistics(run, [(images, labels)])
+        run.method.finish_step_statistics(sum_over_processes)
     images, labels = device_batch(images, labels, ctx.device, run.memory_format)  # as trainer.engine.train does
     run.train_model.train()
     return cfg, task, run, (images, labels)
@@ -496,6 +504,9 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--compare-finetune", type=int, default=0, metavar="REPS",
                         help="also time the MBS step against a fine-tuning step over REPS interleaved repetitions")
     parser.add_argument("--profile", action="store_true", help="also profile one incremental MBS iteration")
+    parser.add_argument("--methods", nargs="+", choices=sorted(PRESETS), metavar="NAME",
+                        help="also time the incremental step with these presets (e.g. mib plop), as "
+                             "incremental_NAME; PLOP's per-step pass runs first, untimed")
     parser.add_argument("--output", help="also write the JSON to this file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one configuration, JSON spec
     return parser
@@ -511,6 +522,9 @@ def measure_architecture(arch: str, spec: dict, args: argparse.Namespace) -> dic
                 "step0": run_worker({**spec, "kind": "train", "step": 0})}
     say("incremental MBS step and evaluation")
     measured["incremental_mbs"] = run_worker({**spec, "kind": "train", "step": 1, "evaluation": True})
+    for method in args.methods or ():
+        say(f"incremental {method} step")
+        measured[f"incremental_{method}"] = run_worker({**spec, "kind": "train", "step": 1, "method": method})
     if args.compare_finetune:
         say(f"MBS vs fine-tuning, {args.compare_finetune} repetitions")
         measured["mbs_vs_finetune"] = run_worker({**spec, "kind": "compare", "repetitions": args.compare_finetune})

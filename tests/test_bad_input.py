@@ -238,7 +238,7 @@ def test_range_checks_name_the_key_and_the_range(override, message):
 
 def test_every_range_names_a_numeric_key():
     from utils.config import RANGES, Config
-    from utils.run_folder import config_items
+    from utils.config import config_items
     items = config_items(Config())
     assert all(key in items for key in RANGES)  # a renamed key would silently lose its check
 
@@ -282,6 +282,55 @@ def test_resume_with_another_experiment_is_refused(tmp_path, capsys, override, k
     assert f"run folder {run_dir} was trained with another experiment config" in line
     assert f"{key}: {saved!r} (saved) vs {now!r} (now)" in line
     assert (run_dir / "config.yaml").read_text() == config  # the saved recipe is kept
+
+
+# The method keys a run folder saved before MiB's and PLOP's presets lacks; lambda was written out (25.0).
+KEYS_ADDED_WITH_THE_BASELINES = ("balanced_init", "unbiased_ce", "ce_all_pixels", "entropy_pl", "adaptive_ce_factor",
+                                 "pod", "unkd", "pod_factor", "pod_logits_factor", "entropy_threshold")
+
+
+def as_saved_before_the_baselines(method: dict) -> dict:
+    """A config's method section as a run saved it before the presets resolved lambda per dataset."""
+    old = {key: value for key, value in method.items() if key not in KEYS_ADDED_WITH_THE_BASELINES}
+    return {**old, "output_distill_weight": 25.0}
+
+
+def old_format_run(runs: Path, data: Path) -> Path:
+    """:func:`fake_finished_run` as the previous version wrote it: config.yaml and the checkpoint's record."""
+    import yaml
+
+    from utils.checkpoint import load, save_atomic
+    run_dir = fake_finished_run(runs, data)
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config["method"] = as_saved_before_the_baselines(config["method"])
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    checkpoint = run_dir / "checkpoints" / "step0.pt"
+    saved = load(checkpoint)
+    saved["config"]["method"] = as_saved_before_the_baselines(saved["config"]["method"])
+    save_atomic(saved, checkpoint)
+    return run_dir
+
+
+def test_a_run_folder_saved_with_lambda_written_out_resumes(tmp_path, caplog):
+    from utils.config import load_config
+    from utils.run_folder import RunFolder
+    from tests.helpers import ROOT
+    run_dir = old_format_run(tmp_path / "runs", tmp_path / "data")
+    assert "output_distill_weight: 25.0" in (run_dir / "config.yaml").read_text()
+    cfg = load_config(ROOT / "configs" / "demo.yaml", options(tmp_path / "data", tmp_path / "runs"))
+    assert cfg.method.output_distill_weight is None  # null now: the mbs preset resolves it to 25 on VOC
+    with caplog.at_level(logging.WARNING, logger="test"):
+        RunFolder(run_dir).prepare(cfg, ONE_STEP, resume=True, log=logging.getLogger("test"))
+    assert not caplog.records
+
+
+def test_a_changed_lambda_is_refused_on_resume_of_an_old_run_folder(tmp_path, capsys):
+    run_dir = old_format_run(tmp_path / "runs", tmp_path / "data")
+    result = run_in_process(main_argv(options(tmp_path / "data", tmp_path / "runs")
+                                      + ["method.output_distill_weight=10"], "--resume"), capsys)
+    line = assert_clean_user_error(result)
+    assert f"run folder {run_dir} was trained with another experiment config" in line
+    assert "method.output_distill_weight: 25.0 (saved) vs 10.0 (now)" in line
 
 
 def test_resume_with_another_harmless_key_only_warns(tmp_path, caplog):

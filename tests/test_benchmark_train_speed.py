@@ -102,3 +102,12 @@ def test_projection_uses_the_standard_image_counts(report, shared_data):
     assert ade_vit["steps"][1]["iterations"] == 64 * (9390 // 8)
     assert voc["steps"][0]["test_images"] == 1449 and ade_vit["steps"][0]["test_images"] == 2000
     assert runs["configs/voc_vit.yaml"]["steps"][0]["selection_images"] == 1240  # spec: 1240 of 1449
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("method", ["mib", "plop"])
+def test_mib_and_plop_steps_are_measured_plop_after_its_pass(arch, method):
+    measured = train_speed.measure_training({**small_spec(arch), "kind": "train", "step": 1, "method": method})
+    assert measured["method"].startswith(f"{method} (") and measured["old_model"] == [16]
+    check_speed(measured, batch=2)
+    assert positive(measured["flops_per_iteration"])

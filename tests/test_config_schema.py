@@ -25,7 +25,7 @@ TODAYS_CHOICES = {
     "model.pos_embed_interpolation": {"reference", "timm"},
     "train.validation": {"none", "epochs", "reference"},
     "model.architecture": {"deeplabv3", "segmenter"},
-    "method.name": {"mbs", "baseline", "finetune"},
+    "method.name": {"mbs", "baseline", "finetune", "mib", "plop"},
     "train.lr_schedule": {"poly", "constant"},
     "train.amp": {"bf16", "fp16", "none"},
     "train.checkpoint_policy": {"last", "best"},
@@ -45,6 +45,7 @@ TODAYS_RANGES = {
     "method.pseudo_threshold": FRACTION,
     "method.output_distill_weight": AT_LEAST_0, "method.feature_distill_weight": AT_LEAST_0,
     "method.ortho_weight": AT_LEAST_0, "method.class_embedding_distill_weight": AT_LEAST_0,
+    "method.pod_factor": AT_LEAST_0, "method.pod_logits_factor": AT_LEAST_0, "method.entropy_threshold": FRACTION,
     "train.epochs": AT_LEAST_1, "train.epochs_incremental": AT_LEAST_1,
     "train.batch_size": AT_LEAST_1, "train.val_batch_size": AT_LEAST_1,
     "train.lr": POSITIVE, "train.lr_incremental": POSITIVE, "train.poly_power": AT_LEAST_0,
@@ -67,6 +68,11 @@ TODAYS_EXPERIMENT_KEYS = frozenset({
     "method.feature_distill", "method.afd", "method.output_distill", "method.lgkd", "method.ortho",
     "method.pseudo_threshold", "method.output_distill_weight", "method.feature_distill_weight",
     "method.ortho_weight", "method.class_embedding_distill_weight",
+    # issue 18: MiB's and PLOP's switches and weights (experiment keys; none in the step-0 recipe, which takes the
+    # resolved ce_all_pixels itself, trainer/step0_reuse.py)
+    "method.balanced_init", "method.unbiased_ce", "method.ce_all_pixels", "method.entropy_pl",
+    "method.adaptive_ce_factor", "method.pod", "method.unkd", "method.pod_factor", "method.pod_logits_factor",
+    "method.entropy_threshold",
     "train.epochs", "train.epochs_incremental", "train.batch_size", "train.lr", "train.lr_incremental",
     "train.lr_schedule", "train.poly_power", "train.head_lr_multiplier", "train.momentum", "train.nesterov",
     "train.weight_decay", "train.amp", "train.max_iters_per_step", "train.validation", "train.val_interval",

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from losses import mbs as L
+from losses import mib, plop
 
 
 def logits_from_probs(*pixel_probs):
@@ -324,7 +325,7 @@ class _ClassVectors:
         return self.vectors
 
 
-@pytest.mark.parametrize("preset", ["mbs", "baseline", "finetune"])
+@pytest.mark.parametrize("preset", ["mbs", "baseline", "finetune", "mib", "plop"])
 def test_method_losses_equal_the_loss_functions_on_logits(preset):
     from models.base import SegmentationOutput
     from trainer.methods import build_method, resize_labels
@@ -334,23 +335,29 @@ def test_method_losses_equal_the_loss_functions_on_logits(preset):
     torch.manual_seed(6)
     new_logits, old_logits, labels = random_step_inputs(2, num_classes, num_old, 12, 10, seed=6)
     labels = torch.where((labels >= 1) & (labels < num_old), 0, labels)  # step labels: old classes are 0
-    new = SegmentationOutput(new_logits, torch.randn(2, num_classes, 3, 2), torch.randn(2, 8, 3, 2),
-                             torch.randn(2, num_classes, 8))
-    old = SegmentationOutput(old_logits, torch.randn(2, num_old, 3, 2), torch.randn(2, 8, 3, 2),
-                             torch.randn(2, num_old, 8))
+    # low-resolution maps of 4 x 4 and two stage maps: POD's regions need a width of at least 4
+    new = SegmentationOutput(new_logits, torch.randn(2, num_classes, 4, 4), torch.randn(2, 8, 4, 4),
+                             torch.randn(2, num_classes, 8), stages=[torch.randn(2, 4, 8, 8), torch.randn(2, 6, 4, 4)])
+    old = SegmentationOutput(old_logits, torch.randn(2, num_old, 4, 4), torch.randn(2, 8, 4, 4),
+                             torch.randn(2, num_old, 8), stages=[torch.randn(2, 4, 8, 8), torch.randn(2, 6, 4, 4)])
     model = _ClassVectors(torch.randn(num_classes, 8))
-    method = build_method(MethodConfig(name=preset, pseudo_threshold=threshold), num_old, num_classes)
+    method = build_method(MethodConfig(name=preset, pseudo_threshold=threshold), "voc", num_old, num_classes)
+    # PLOP's thresholds (the trainer's pass sets them): between the entropies of these pixels, so some old pixels
+    # are pseudo-labelled and some ignored; +inf for class 1 accepts all of its pixels
+    thresholds = torch.tensor([0.12, float("inf"), 0.1, 0.001, 0.001])
+    if method.needs_step_statistics:
+        method.thresholds = thresholds
     terms = method.losses(labels, new, old if method.needs_old_model else None, model)
 
     switches = method.switches
     targets = labels
     expected = {}
-    if preset != "finetune":
+    if preset in ("mbs", "baseline"):
         pseudo = L.selective_pseudo_labels if switches.selective_pl else L.pseudo_labels
         targets = pseudo(labels, old_logits, threshold)
         assert not torch.equal(targets, labels)  # the old model's probabilities are used
         if switches.afd:
-            weight = L.afd_weight_map(old.logits_lowres, resize_labels(targets, (3, 2)), num_old)
+            weight = L.afd_weight_map(old.logits_lowres, resize_labels(targets, (4, 4)), num_old)
             expected["feature_distill"] = switches.feature_distill_weight * L.adaptive_feature_distillation(
                 new.features, old.features, weight)
         else:
@@ -364,11 +371,62 @@ def test_method_losses_equal_the_loss_functions_on_logits(preset):
     if switches.ortho:
         expected["ortho"] = switches.ortho_weight * (2 / 5) * L.orthogonal_loss(model.vectors, num_old)
     expected["ce"] = torch.nn.functional.cross_entropy(new_logits, targets, ignore_index=255)
+    if preset == "mib":
+        # spec 1.5: UNCE averaged over all B*H*W pixels (the trainer's .mean()) + lambda (10 on VOC) * UNKD
+        expected["ce"] = mib.unbiased_cross_entropy(new_logits, labels, num_old, reduction="none").mean()
+        expected["output_distill"] = 10.0 * mib.unbiased_knowledge_distillation(new_logits, old_logits)
+    if preset == "plop":
+        # spec 2.6: CE on the entropy pseudo-labels, each image's map x its factor, .mean() over all pixels; POD
+        targets, factor = plop.entropy_pseudo_labels(labels, old_logits, thresholds, num_old, num_classes=num_classes)
+        ignored_old = (targets == 255) & (labels < num_old)
+        assert ignored_old.any() and ((targets != labels) & ~ignored_old).any() and (factor < 1).all()
+        ce_map = torch.nn.functional.cross_entropy(new_logits, targets, ignore_index=255, reduction="none")
+        expected["ce"] = (factor * ce_map).mean()
+        expected["feature_distill"] = 1.0 * plop.local_pod(
+            [*new.stages, new.features, new.logits_lowres], [*old.stages, old.features, old.logits_lowres],
+            factor=0.01, last_factor=0.0005, num_old=num_old, num_classes=num_classes, num_new=2)
 
     assert set(terms) == set(expected)
     for name in expected:
-        assert torch.equal(terms[name], expected[name]), name
+        if preset in ("mib", "plop"):  # the all-pixel mean is sum / numel, .mean() sums in another order
+            torch.testing.assert_close(terms[name], expected[name], rtol=1e-6, atol=0, msg=name)
+        else:
+            assert torch.equal(terms[name], expected[name]), name
     # Same gradient w.r.t. the new logits (the shared log-softmax only changes the order of additions).
     _, grad = value_and_scaled_grad(lambda logits: sum(terms.values()), new_logits)
     _, expected_grad = value_and_scaled_grad(lambda logits: sum(expected.values()), new_logits)
     torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset,all_pixels", [("mbs", False), ("finetune", False), ("mib", True), ("plop", True)])
+def test_step_zero_is_cross_entropy_alone_with_the_family_reduction(preset, all_pixels):
+    """Spec section 0: MiB's and PLOP's step 0 is plain CE (not UNCE) averaged over all B*H*W pixels; MBS's over
+    the labelled ones."""
+    from models.base import SegmentationOutput
+    from trainer.methods import build_method
+    from utils.config import MethodConfig
+
+    logits, _, labels = random_step_inputs(2, 4, 1, 6, 5, seed=8)
+    assert (labels == 255).any()
+    method = build_method(MethodConfig(name=preset), "voc", 0, 4)
+    output = SegmentationOutput(logits, torch.randn(2, 4, 2, 2), torch.randn(2, 8, 2, 2))
+    terms = method.losses(labels, output, None, _ClassVectors(torch.randn(4, 8)))
+    ce_map = torch.nn.functional.cross_entropy(logits, labels, ignore_index=255, reduction="none")
+    expected = ce_map.mean() if all_pixels else ce_map.sum() / (labels != 255).sum()
+    assert set(terms) == {"ce"}
+    torch.testing.assert_close(terms["ce"], expected, rtol=1e-6, atol=0)
+    assert not torch.allclose(ce_map.mean(), ce_map.sum() / (labels != 255).sum())  # the two reductions differ
+
+
+def test_plop_losses_without_thresholds_are_a_bug():
+    from models.base import SegmentationOutput
+    from trainer.methods import build_method
+    from utils.config import MethodConfig
+
+    new_logits, old_logits, labels = random_step_inputs(2, 5, 3, 8, 8, seed=9)
+    method = build_method(MethodConfig(name="plop"), "voc", 3, 5)
+    assert method.needs_step_statistics and not method.has_step_statistics
+    output = SegmentationOutput(new_logits, torch.randn(2, 5, 4, 4), torch.randn(2, 8, 4, 4))
+    old = SegmentationOutput(old_logits, torch.randn(2, 3, 4, 4), torch.randn(2, 8, 4, 4))
+    with pytest.raises(RuntimeError, match="PLOP's thresholds were never computed"):
+        method.losses(labels, output, old, _ClassVectors(torch.randn(5, 8)))

@@ -309,7 +309,7 @@ def _method(name: str, *overrides: str):
     from trainer.methods import build_method
     from utils.config import load_config
     cfg = load_config(None, [f"method.name={name}", *overrides])
-    return build_method(cfg.method, num_old=15, num_classes=18)
+    return build_method(cfg.method, cfg.data.dataset, num_old=15, num_classes=18)
 
 
 @pytest.mark.parametrize("name,overrides,transfers", [
@@ -346,7 +346,7 @@ def test_step_zero_never_transfers():
     from utils.config import load_config
     model = DeepLabV3([15], "resnet18", "none", 16, head_channels=16)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    method = build_method(load_config(None, ["method.name=mbs"]).method, num_old=0, num_classes=15)
+    method = build_method(load_config(None, ["method.name=mbs"]).method, "voc", num_old=0, num_classes=15)
     method.prepare_model(model)  # a one-classifier model would raise if it tried
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
 

@@ -125,7 +125,7 @@ def test_published_differences_are_named(tmp_path):
     section = out.read_text().split("## Published numbers beside ours")[1]
     assert "checkpoint policy last here, best there" in section
     assert "evaluation full here, center_crop (short side 512, crop 512) there" in section
-    assert "method switches set explicitly (not the preset): ortho=False" in section
+    assert "method keys set explicitly to other values than the preset's: ortho=False" in section
 
 
 def test_published_file_holds_the_seeded_numbers():
@@ -291,3 +291,24 @@ def test_nothing_to_report(tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("x")
     assert report_main([str(tmp_path / "notes.txt")]) == 2
     assert "none of the given run folders has results" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dataset,method,method_config,reported", [
+    ("voc", "mbs", {"output_distill_weight": 10.0}, "output_distill_weight=10.0"),
+    ("ade", "mbs", {"output_distill_weight": 25.0}, "output_distill_weight=25.0"),  # ADE's preset is 50
+    ("voc", "plop", {"pod_factor": 0.02, "entropy_pl": True}, "pod_factor=0.02"),
+    ("voc", "mib", {"unkd": False, "output_distill_weight": 10.0}, "unkd=False"),
+    # written out as the preset resolves it (a run saved before the weights were resolved): no difference
+    ("voc", "mbs", {"output_distill_weight": 25.0, "ortho": True}, None),
+    ("ade", "mbs", {"output_distill_weight": 50.0}, None),
+])
+def test_protocol_differences_name_every_key_set_apart_from_the_preset(tmp_path, dataset, method, method_config,
+                                                                        reported):
+    from analysis.report import protocol_differences
+    make_run(tmp_path, "run", dataset=dataset, method=method, method_config=method_config, means=MEANS)
+    run = collect_runs([tmp_path / "run"]).runs[0]
+    differences = [line for line in protocol_differences(run, load_published()[0].source) if "method" in line]
+    if reported is None:
+        assert differences == []
+    else:
+        assert differences == [f"method keys set explicitly to other values than the preset's: {reported}"]

@@ -13,7 +13,7 @@ from models import build_model
 from models.segmenter import Segmenter
 from tests.conftest import ROOT
 from tests.test_segmenter import added_pos_embed, assert_reference_recipe, resize_grid
-from trainer.methods import build_method
+from trainer.methods import build_method, resolve_switches
 from utils.config import MethodConfig, load_config
 
 TINY_VIT = {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8}
@@ -42,7 +42,9 @@ def test_vit_configs_have_the_reference_hyperparameters():
     assert (voc.train.epochs, ade.train.epochs) == (32, 64)
     assert (voc.train.batch_size, ade.train.batch_size) == (16, 8)
     assert (voc.train.lr_incremental, ade.train.lr_incremental) == (1e-4, 5e-4)
-    assert (voc.method.output_distill_weight, ade.method.output_distill_weight) == (25.0, 50.0)
+    # lambda is the preset's, per dataset (the configs no longer pin it)
+    assert (resolve_switches(voc.method, voc.data.dataset).output_distill_weight,
+            resolve_switches(ade.method, ade.data.dataset).output_distill_weight) == (25.0, 50.0)
 
 
 # issue 10 items 1-3: the authors' Segmenter training recipe
@@ -118,7 +120,7 @@ def test_mbs_on_segmenter_transfer_and_orthogonal_term():
     old = tiny_segmenter([4], seed=0).eval()
     model = tiny_segmenter([4, 2], seed=1)
     model.load_state_dict(old.state_dict(), strict=False)
-    method = build_method(MethodConfig(name="mbs"), num_old=4, num_classes=6)
+    method = build_method(MethodConfig(name="mbs"), "voc", num_old=4, num_classes=6)
     method.prepare_model(model)
 
     vectors = model.class_vectors().detach()

@@ -57,12 +57,13 @@ def device_batch(images: torch.Tensor, labels: torch.Tensor, device: torch.devic
 def train_iteration(run: StepRun, images: torch.Tensor, labels: torch.Tensor
                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], SegmentationOutput]:
     """One optimiser step on one batch: forward (and the old model's), the method's loss terms, backward."""
+    stages = run.method.needs_stages  # PLOP's POD distils both models' stage maps
     with run.autocast:
-        output = run.train_model(images)
+        output = run.train_model(images, stages=stages)
         old_output = None
         if run.old_model is not None:
             with torch.no_grad():
-                old_output = run.old_forward(images)
+                old_output = run.old_forward(images, stages=stages)
         terms = run.method.losses(labels, output, old_output, run.model)
         loss = sum(terms.values())
     run.watch_loss(loss)  # checked at logging and checkpoint points: no host sync per iteration
@@ -96,6 +97,22 @@ def train(run: StepRun, batches, logger: StepLogger, after_iteration: Callable[[
                 bar.set_description(f"{logger.tag} epoch {run.state.epoch + 1}")
         after_iteration(run, completed_epoch)
     bar.close()
+
+
+@torch.no_grad()
+def collect_step_statistics(run: StepRun, batches) -> None:
+    """The method's per-step pass (PLOP's thresholds): the frozen old model, in eval mode, under the training
+    autocast, over ``batches`` (this process's share of epoch 0's batches); each batch goes to
+    ``run.method.step_statistics_batch``. It draws from no global random generator (no dropout in eval mode,
+    the loader has its own generators), so the training that follows draws what it would have drawn without
+    it. The caller finishes the statistics (``run.method.finish_step_statistics``)."""
+    ctx = run.ctx
+    for images, labels in tqdm(batches, total=len(batches), disable=not ctx.is_main, leave=False,
+                               dynamic_ncols=True, desc=f"step{run.step} old-model pass"):
+        images, labels = device_batch(images, labels, ctx.device, run.memory_format)
+        with run.autocast:  # the training's call (stages included): a compiled old model reuses its graph
+            old_output = run.old_forward(images, stages=run.method.needs_stages)
+        run.method.step_statistics_batch(labels, old_output)
 
 
 @torch.no_grad()

@@ -5,9 +5,12 @@ for the classes seen so far, initialised from the previous step, with the frozen
 old model and the method's preparation), train, choose the weights to keep
 (``last`` or ``best``), test on the whole validation set, and save the step's
 checkpoint and the results files. ``resume`` continues an interrupted step from
-its in-step checkpoint; a finished step's checkpoint is never overwritten.
-Validation and the test are :class:`trainer.evaluator.StepEvaluator`'s; every
-path in the run folder is :class:`utils.run_folder.RunFolder`'s.
+its in-step checkpoint; a finished step's checkpoint is never overwritten. A
+method with a per-step pass (PLOP's thresholds) runs it before the step's first
+iteration, unless the resumed step holds its result, and saves it in an in-step
+checkpoint at once. Validation and the test are
+:class:`trainer.evaluator.StepEvaluator`'s; every path in the run folder is
+:class:`utils.run_folder.RunFolder`'s.
 """
 from __future__ import annotations
 
@@ -29,13 +32,13 @@ from models import build_model
 from models.base import IncrementalSegmenter
 from utils import checkpoint as ckpt
 from utils.config import Config, ConfigError, batch_per_process, config_to_dict
-from utils.distributed import DistContext, StopRequest, barrier, run_on_main
+from utils.distributed import DistContext, StopRequest, barrier, run_on_main, sum_over_processes
 from utils.errors import RunInterrupted
 from utils.logs import TensorboardWriter, get_logger
 from utils.results import format_step_table
 from utils.run_folder import RunFolder
 
-from .engine import StepLogger, train
+from .engine import StepLogger, collect_step_statistics, train
 from .evaluator import StepEvaluator
 from .loaders import train_loader
 from .methods import IncrementalMethod, build_method, resolve_switches
@@ -59,12 +62,25 @@ def check_batch_for_batch_norm(cfg: Config, ctx: DistContext) -> None:
                           "batch norm is synchronised)")
 
 
+def describe_thresholds(thresholds: torch.Tensor, num_old: int, floor: float) -> str:
+    """How PLOP's thresholds of the old classes (those an old argmax can pick) fall: at +inf (every
+    pseudo-label of the class accepted), at the floor, NaN (none accepted), in between; then the values."""
+    values = thresholds[:num_old].detach().cpu().double()
+    infinite = int(torch.isinf(values).sum())
+    undefined = int(torch.isnan(values).sum())
+    at_floor = int((values == torch.tensor(floor, dtype=torch.float32).double()).sum())
+    between = num_old - infinite - undefined - at_floor
+    listed = ", ".join(f"{value:.6g}" for value in values.tolist())
+    return (f"of the {num_old} old classes, {infinite} at +inf, {at_floor} at the floor {floor:g}, {undefined} NaN, "
+            f"{between} in between [{listed}]")
+
+
 class IncrementalTrainer:
     def __init__(self, cfg: Config, ctx: DistContext, resume: bool = False):
         self.cfg, self.ctx, self.resume = cfg, ctx, resume
         self.log = get_logger()
         self.task = get_task(cfg.data.dataset, cfg.data.task, cfg.data.custom_steps)
-        self.switches = resolve_switches(cfg.method)
+        self.switches = resolve_switches(cfg.method, cfg.data.dataset)
         self.folder = RunFolder(cfg.run_dir)
         self.end_step = self.task.num_steps - 1 if cfg.end_step is None else cfg.end_step
         if not 0 <= cfg.start_step <= self.end_step < self.task.num_steps:
@@ -152,7 +168,8 @@ class IncrementalTrainer:
         """The step's models, method, data and optimiser; continued from its in-step checkpoint when resuming."""
         cfg = self.cfg
         seed_everything(cfg.seed * 1000 + step * 10 + self.ctx.rank)
-        method = build_method(cfg.method, self.task.num_old_channels(step), self.task.num_channels(step))
+        method = build_method(cfg.method, cfg.data.dataset, self.task.num_old_channels(step),
+                              self.task.num_channels(step))
         model, old_model = self.models_for_step(step, method)
         train_set = train_dataset(self.task, step, cfg.data.root, cfg.data.setting == "disjoint",
                                   train_transforms(cfg.data.base_size, cfg.data.crop_size, cfg.data.scale_range,
@@ -190,6 +207,10 @@ class IncrementalTrainer:
                       run.method.num_classes - run.method.num_old, len(train_set), plan.epochs,
                       plan.iterations_per_epoch, plan.total_iterations, train_cfg.batch_size,
                       train_cfg.batch_size // self.ctx.world_size, self.ctx.world_size)
+        if run.method.needs_step_statistics and not run.method.has_step_statistics:
+            self.step_statistics(run, train_set)  # once per step: a resumed step holds them already
+        elif run.method.needs_step_statistics:
+            self.log.info("step %d: PLOP's entropy thresholds restored from the in-step checkpoint", run.step)
         if train_cfg.validation != "none":
             self.evaluator.selection_loader(run.step)  # its workers start before training's, as they always did
         started = time.time()
@@ -201,6 +222,27 @@ class IncrementalTrainer:
         train(run, batches, logger, self.after_iteration)
         self.log.info("step %d: trained %d iterations in %.1f s", run.step, run.state.iteration,
                       time.time() - started)
+
+    def step_statistics(self, run: StepRun, train_set: IncrementalSegmentation) -> None:
+        """PLOP's pass (spec 2.4): the frozen old model over epoch 0's batches (the images, augmentations and
+        order of the first training epoch), the histogram summed over processes, the thresholds saved in an
+        in-step checkpoint at once (a resumed step never repeats the pass) and logged."""
+        cfg, plan = self.cfg, run.plan
+        started = time.time()
+        batches = train_loader(train_set, cfg.train.batch_size, self.ctx, cfg.seed * 1000 + run.step,
+                               plan.iterations_per_epoch, total_iterations=plan.iterations_per_epoch,
+                               num_workers=cfg.data.num_workers, start_iteration=0,
+                               prefetch_factor=cfg.data.prefetch_factor)
+        collect_step_statistics(run, batches)
+        run.method.finish_step_statistics(sum_over_processes)
+        self.save_in_step(run)
+        self.log.info("step %d: PLOP's entropy thresholds from one pass of the old model over %d batches of %d "
+                      "images (%.1f s): %s", run.step, plan.iterations_per_epoch, cfg.train.batch_size,
+                      time.time() - started, describe_thresholds(run.method.thresholds, run.method.num_old,
+                                                                 run.method.switches.entropy_threshold))
+        if self.stop.agreed():  # a stop signal during the pass: what it computed is saved
+            raise RunInterrupted(f"{self.stop.name} received: stopped after the old-model pass of step {run.step}, "
+                                 f"saved in {self.folder.partial_checkpoint(run.step)}", self.stop.signum)
 
     def after_iteration(self, run: StepRun, completed_epoch: bool) -> None:
         """Validate when due (keeping the best weights), save the in-step checkpoint when due, stop on a signal."""

@@ -213,7 +213,7 @@ class StepRun:
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "train_state": dataclasses.asdict(self.state)}
+                "train_state": dataclasses.asdict(self.state), "method": self.method.state_dict()}
 
     def in_step_checkpoint(self) -> dict:
         """:meth:`state_dict` plus every rank's generator state (dropout draws), so a resumed step continues
@@ -232,7 +232,10 @@ class StepRun:
                                  len(random_states), self.ctx.world_size)
 
     def load_state_dict(self, saved: dict, source: str = "the in-step checkpoint") -> None:
-        missing = [key for key in ("model", "optimizer", "scheduler", "scaler", "train_state") if key not in saved]
+        # "method" (PLOP's thresholds) only where the method has state: older MBS checkpoints lack it
+        required = ("model", "optimizer", "scheduler", "scaler", "train_state") + (
+            ("method",) if self.method.needs_step_statistics else ())
+        missing = [key for key in required if key not in saved]
         if missing:
             raise CheckpointError(f"{source} lacks {', '.join(missing)} (written by another version?): delete it "
                                   "to restart the step from its beginning")
@@ -242,3 +245,8 @@ class StepRun:
         if saved["scaler"]:  # empty when it was saved by a disabled scaler (CPU, bf16)
             self.scaler.load_state_dict(saved["scaler"])
         self.state = TrainState(**saved["train_state"])
+        try:
+            self.method.load_state_dict(saved.get("method", {}))
+        except ValueError as err:
+            raise CheckpointError(f"{source}: {err} (written by another run?): delete it to restart the step "
+                                  "from its beginning") from None

@@ -1,12 +1,15 @@
 """Step 0 trained once per protocol family.
 
 Steps 0 of VOC 15-1 and 15-5 are the same training (same classes, images, setting and recipe), as are
-those of ADE 100-50, 100-10 and 100-5, and those of the methods of one task (step 0 is cross-entropy
-alone for every method). Every finished step 0 carries its *recipe* — everything that defines its
+those of ADE 100-50, 100-10 and 100-5. Step 0 is cross-entropy alone for every method, but not the same
+cross-entropy for all: mbs, baseline and finetune average it over the labelled pixels, mib and plop over
+all pixels (``method.ce_all_pixels``, BASELINES_SPEC section 0). So the methods of one task share two
+steps 0, one per family. Every finished step 0 carries its *recipe* — everything that defines its
 training and its test — and a hash of it; ``train.step0_checkpoint`` reuses a finished step 0 whose
 recipe is identical: a path to its ``step0.pt``, or ``auto`` to look in the sibling run folders of
 ``output_dir``. Which config keys belong to the recipe is declared in their fields (``STEP0`` in
-:mod:`utils.config`).
+:mod:`utils.config`); the recipe holds the resolved ``ce_all_pixels`` only when it is on, so every
+step0.pt written before the switch existed keeps its recipe and stays reusable by the MBS family.
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ from utils.checkpoint import CheckpointError
 from utils.config import STEP0_KEYS, Config
 from utils.run_folder import RunFolder
 
+from .methods import resolve_switches
+
 
 class Step0ReuseError(CheckpointError):
     """The step-0 checkpoint named in train.step0_checkpoint was trained with another recipe."""
@@ -38,6 +43,8 @@ def step0_recipe(cfg: Config, task: Task) -> dict:
     recipe["data"]["training_data"] = training_data_identity(cfg)
     recipe["model"] = dataclasses.asdict(cfg.model)
     recipe["seed"] = cfg.seed
+    if resolve_switches(cfg.method, cfg.data.dataset).ce_all_pixels:  # MiB's / PLOP's all-pixel mean
+        recipe["method"] = {"ce_all_pixels": True}
     return recipe
 
 
@@ -61,8 +68,10 @@ def recipe_differences(mine: dict, theirs: dict, prefix: str = "") -> list[str]:
     differences = []
     for key in sorted(set(mine) | set(theirs)):
         a, b = mine.get(key), theirs.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            differences += recipe_differences(a, b, f"{prefix}{key}.")
+        # a section only one recipe has (``method``) is compared key by key too, so each key is named
+        one_sided = (isinstance(a, dict) and key not in theirs) or (isinstance(b, dict) and key not in mine)
+        if (isinstance(a, dict) and isinstance(b, dict)) or one_sided:
+            differences += recipe_differences(a or {}, b or {}, f"{prefix}{key}.")
         elif a != b:
             differences.append(f"{prefix}{key}: {a!r} here vs {b!r} there")
     return differences

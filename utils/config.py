@@ -36,6 +36,7 @@ import yaml
 
 from utils.errors import UserError
 from utils.files import read_text
+from utils.presets import PRESETS, method_contradiction, resolve_method
 
 
 class ConfigError(UserError, ValueError):
@@ -158,32 +159,50 @@ class ModelConfig:
 
 @dataclass
 class MethodConfig:
-    """The incremental-learning method and its switches (spec section 2).
+    """The incremental-learning method and its switches (spec section 2; BASELINES_SPEC for mib and plop).
 
-    ``name`` picks defaults for the switches left at null: ``mbs`` turns every
-    component on, ``baseline`` is the reference's non-MBS variant (plain
-    pseudo-labels, unweighted feature MSE, plain KD), ``finetune`` is
-    cross-entropy only. A switch set explicitly overrides the preset, so an
-    ablation table is a set of configs. None of it is in the step-0 recipe:
-    step 0 is cross-entropy alone for every method.
+    ``name`` picks a preset (:mod:`utils.presets`) for the switches and the
+    dataset-dependent weights left at null: ``mbs`` turns every MBS component
+    on, ``baseline`` is the reference's non-MBS variant (plain pseudo-labels,
+    unweighted feature MSE, plain KD), ``finetune`` is cross-entropy only,
+    ``mib`` and ``plop`` are those two baselines as their official code runs
+    them. A key set explicitly overrides the preset, so an ablation table is a
+    set of configs; contradictory variants of one family are refused. Step 0
+    is cross-entropy alone for every method; the step-0 recipe holds the
+    resolved ``ce_all_pixels`` when it is on (trainer/step0_reuse.py).
     """
 
-    name: str = config_key("mbs", EXPERIMENT, choices={"mbs", "baseline", "finetune"})
+    name: str = config_key("mbs", EXPERIMENT, choices=set(PRESETS))
     weight_transfer: Optional[bool] = config_key(None, EXPERIMENT)  # (a) new class vectors start as the background's
+    # (a) MiB's init_balanced: new biases and background's lowered by log(C_new + 1) (needs weight_transfer)
+    balanced_init: Optional[bool] = config_key(None, EXPERIMENT)
+    unbiased_ce: Optional[bool] = config_key(None, EXPERIMENT)      # MiB's UNCE: old classes folded into background
+    # cross-entropy summed over labelled pixels / all B*H*W pixels, every step (MiB, PLOP); off: labelled mean
+    ce_all_pixels: Optional[bool] = config_key(None, EXPERIMENT)
     # (b) step 1: label background pixels with confident old predictions
     pseudo_labels: Optional[bool] = config_key(None, EXPERIMENT)
     selective_pl: Optional[bool] = config_key(None, EXPERIMENT)     # (b) steps 2-3: object identifier -> ignore
+    entropy_pl: Optional[bool] = config_key(None, EXPERIMENT)       # (b) PLOP's per-class entropy thresholds
+    # (b) PLOP: each image's CE x its share of confident old pixels (needs entropy_pl)
+    adaptive_ce_factor: Optional[bool] = config_key(None, EXPERIMENT)
     feature_distill: Optional[bool] = config_key(None, EXPERIMENT)  # (c) on: distil features at all
     afd: Optional[bool] = config_key(None, EXPERIMENT)              # (c) adaptive weights (off: unweighted MSE)
+    pod: Optional[bool] = config_key(None, EXPERIMENT)              # (c) PLOP's Local POD (stages, features, logits)
     output_distill: Optional[bool] = config_key(None, EXPERIMENT)   # (d) on: distil outputs at all
     lgkd: Optional[bool] = config_key(None, EXPERIMENT)             # (d) label-guided (off: plain KD on old channels)
+    unkd: Optional[bool] = config_key(None, EXPERIMENT)             # (d) MiB's unbiased KD
     ortho: Optional[bool] = config_key(None, EXPERIMENT)            # (e) orthogonal objective
     pseudo_threshold: float = config_key(0.7, EXPERIMENT, range=FRACTION)  # tau
-    output_distill_weight: float = config_key(25.0, EXPERIMENT, range=AT_LEAST_0)  # lambda: 25 VOC, 50 ADE
-    feature_distill_weight: float = config_key(1.0, EXPERIMENT, range=AT_LEAST_0)
+    # lambda; null: the preset's (mbs, baseline: 25 VOC / 50 ADE; mib: 10)
+    output_distill_weight: Optional[float] = config_key(None, EXPERIMENT, range=AT_LEAST_0)
+    feature_distill_weight: float = config_key(1.0, EXPERIMENT, range=AT_LEAST_0)  # PLOP: multiplies L_pod
     ortho_weight: float = config_key(1.0, EXPERIMENT, range=AT_LEAST_0)  # multiplied by |C_new| / |C_old u C_new|
     # Transformer: MSE on old class-token outputs
     class_embedding_distill_weight: float = config_key(1.0, EXPERIMENT, range=AT_LEAST_0)
+    pod_factor: Optional[float] = config_key(None, EXPERIMENT, range=AT_LEAST_0)  # null: 0.01 VOC / 0.001 ADE
+    # POD's factor on the logits; null: 0.0005 VOC / 0.00001 ADE
+    pod_logits_factor: Optional[float] = config_key(None, EXPERIMENT, range=AT_LEAST_0)
+    entropy_threshold: float = config_key(0.001, EXPERIMENT, range=FRACTION)  # the floor of PLOP's thresholds
 
 
 @dataclass
@@ -270,6 +289,17 @@ def _leaf_fields(obj: Any, prefix: str = "") -> typing.Iterator[tuple[str, datac
 def config_items(cfg: Any) -> dict[str, Any]:
     """Every key of a config (dotted) and its value."""
     return {dotted: config_value(cfg, dotted) for dotted, _ in _leaf_fields(cfg)}
+
+
+def resolved_config_items(cfg: "Config") -> dict[str, Any]:
+    """:func:`config_items` with every method key a preset resolves (:data:`utils.presets.PRESET_KEYS`) at its
+    resolved value: what the run computes with. ``--resume`` compares these, so a run saved with
+    ``output_distill_weight: 25.0`` written out and one with null that its preset resolves to 25 are the same
+    experiment."""
+    items = config_items(cfg)
+    for key, value in resolve_method(cfg.method, cfg.data.dataset).items():
+        items[f"method.{key}"] = value
+    return items
 
 
 def key_tables(schema: type) -> KeyTables:
@@ -454,6 +484,9 @@ def _validate(cfg: Config) -> None:
                           "(it selects the weights on validation)")
     if "/" in cfg.name or cfg.name in ("", ".", ".."):
         raise ConfigError(f"config key 'name': {cfg.name!r} is not a valid run folder name")
+    contradiction = method_contradiction(cfg.method)  # resolved with the preset: mbs + pod=true is refused
+    if contradiction:
+        raise ConfigError(contradiction)
 
 
 def _check_backbone_overrides(architecture: str, overrides: dict) -> None:

@@ -91,6 +91,16 @@ def all_gather_object(obj) -> list:
     return [obj]
 
 
+def sum_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise sum of every rank's ``tensor`` (same shape and device kind on every rank), on every
+    rank; ``tensor`` itself without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        total = tensor.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total
+    return tensor
+
+
 def random_state(device: torch.device) -> dict:
     """This process's torch generator states (CPU, and the CUDA device's when training there)."""
     return {"cpu": torch.get_rng_state(),

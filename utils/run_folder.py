@@ -34,8 +34,8 @@ from typing import Any, Iterator, Optional
 import yaml
 
 from utils import checkpoint as ckpt
-from utils.config import (HARMLESS_KEYS, Config, ConfigError, UniqueKeyLoader, config_from_dict, config_items,
-                          config_yaml)
+from utils.config import (HARMLESS_KEYS, Config, ConfigError, UniqueKeyLoader, config_from_dict, config_yaml,
+                          resolved_config_items)
 from utils.errors import UserError
 from utils.files import TEMPORARY_PATTERN, atomic_write_text, read_text, temporary_sibling
 from utils.results import results_markdown
@@ -53,8 +53,9 @@ LOCKING_UNSUPPORTED = frozenset({errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, e
 
 
 def config_differences(saved: Config, current: Config) -> dict[str, tuple[Any, Any]]:
-    """key -> (saved value, current value) for every key whose value differs."""
-    before, now = config_items(saved), config_items(current)
+    """key -> (saved value, current value) for every key whose value differs; the method keys a preset
+    resolves are compared resolved (a weight written out as its preset's value is no difference)."""
+    before, now = resolved_config_items(saved), resolved_config_items(current)
     return {key: (before[key], now[key]) for key in now if before[key] != now[key]}
 
 
