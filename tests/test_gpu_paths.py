@@ -164,8 +164,15 @@ def test_gpu_without_kernels_in_the_build_is_named(monkeypatch):
     problem = unsupported_gpu(CUDA)
     assert "cuda:0 (Tesla V100-SXM2-32GB, compute capability 7.0) has no kernels" in problem
     assert "built for CUDA 13.0 with kernels for sm_75 sm_80" in problem or torch.version.cuda != "13.0"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ConfigError, match=r"^config key 'device': the GPU cuda:0 \(Tesla V100-SXM2-32GB, compute "
+                                          r"capability 7.0\) has no kernels .* or pass device=cpu$"):
+        init_distributed("auto")
     fake_gpu(monkeypatch, capability=(8, 0))
     assert unsupported_gpu(CUDA) is None
+    assert init_distributed("auto").device == CUDA
 
 
 @pytest.mark.slow

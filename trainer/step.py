@@ -125,8 +125,8 @@ def fused_sgd(device: torch.device, loss_scaling: bool) -> bool:
     """Whether SGD runs as one fused kernel: on CUDA without loss scaling (one kernel instead of the foreach
     launches). Not with fp16 loss scaling: when the scaler skips the very first step (an overflow, common at the
     start of fp16 training), PyTorch's fused SGD keeps the uninitialised momentum buffers it allocated and the
-    next step applies garbage (tests/test_step.py shows it on the CPU); the foreach SGD is skipped whole, at the
-    price of one host read of the scaler's overflow flag per iteration. CPU runs keep the foreach SGD."""
+    next step applies garbage (shown on the CPU in tests/test_gpu_paths.py); the foreach SGD is skipped whole, at
+    the price of one host read of the scaler's overflow flag per iteration. CPU runs keep the foreach SGD."""
     return device.type == "cuda" and not loss_scaling
 
 

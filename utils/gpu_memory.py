@@ -3,9 +3,9 @@
 refused in one line at the start instead of an out-of-memory error in the middle of a step.
 
 The peak of live tensors of an incremental step (old model included) grows linearly with the images per GPU:
-``fixed + per_image x images x (crop / 512)^2``. The table holds both parts for the published recipes' models (DeepLab-V3
-ResNet-101 at output stride 16, Segmenter ViT-B/16) per dataset (its number of classes) and precision (bf16 and
-fp16 take the same memory). Other models are not estimated. CUDA's own memory (context, cuDNN workspaces, DDP
+``fixed + per_image x images x (crop / 512)^2``. The table holds both parts for the published recipes' models
+(DeepLab-V3 ResNet-101 at output stride 16, Segmenter ViT-B/16) per dataset (its number of classes) and precision
+(bf16 and fp16 take the same memory). Other models are not estimated. CUDA's own memory (context, cuDNN workspaces, DDP
 buckets, fragmentation) comes on top: ``CUDA_OVERHEAD_GIB`` is a lower bound of it.
 """
 from __future__ import annotations

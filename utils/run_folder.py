@@ -374,9 +374,9 @@ class RunFolder:
                 self.ranks_token(nonce).unlink()
         blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(everyone) if not ok]
         if blind:
-            raise RunFolderError(f"{', '.join(blind)} cannot read the token rank 0 wrote into the run folder {self.path} "
-                                 "(output_dir/name): rank 0 writes the checkpoints and every rank reads them, so every "
-                                 "node needs that folder on a shared file system (set output_dir to one)")
+            raise RunFolderError(f"{', '.join(blind)} cannot read the token rank 0 wrote into the run folder "
+                                 f"{self.path} (output_dir/name): rank 0 writes the checkpoints and every rank reads "
+                                 "them, so every node needs that folder on a shared file system (set output_dir to one)")
 
     @staticmethod
     def _token_appears(path: Path, nonce: str) -> bool:
