@@ -431,6 +431,22 @@ def test_compiled_trunk_serves_every_step_of_an_eleven_step_task(monkeypatch):
     assert all(0 < count < torch._dynamo.config.recompile_limit for count in entries.values()), entries
 
 
+def test_segmenter_compiles_its_encoder_blocks(monkeypatch):
+    import torch._dynamo
+    real_compile = torch.compile
+    compiled = []
+    monkeypatch.setattr(torch, "compile",
+                        lambda function, **options: compiled.append(function) or real_compile(function, backend="eager"))
+    torch._dynamo.reset()
+    try:
+        run = tiny_step_run(architecture="segmenter", overrides=["train.compile=true"])
+        loss, _, _ = iterate(run, *batch())
+    finally:
+        torch._dynamo.reset()
+    assert [function.__self__ for function in compiled] == [run.model.encoder.blocks, run.old_model.encoder.blocks]
+    assert torch.isfinite(loss)
+
+
 # ------------------------------------------------------------------ 6. the old ViT teacher keeps fp32 weights
 def test_old_vit_keeps_fp32_weights_under_bf16_while_old_deeplab_is_cast():
     vit = tiny_step_run(precision="bf16", architecture="segmenter")
