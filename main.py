@@ -9,9 +9,10 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from utils.config import ConfigError, load_config
+from utils.config import ConfigError, batch_per_process, full_size_model, load_config
 from utils.errors import RunInterrupted, StopSignal, UserError, ignore_stop_signals, one_line, stop_signals_raising
 from utils.run_folder import RunFolder, RunFolderError
 
@@ -59,7 +60,13 @@ def run(args: argparse.Namespace) -> int:
     from utils.distributed import cleanup, init_distributed
     from utils.logs import setup_logger
 
-    ctx = init_distributed(cfg.device, args.local_rank)
+    try:  # before any process group exists: every rank stops here alike, the first of each node says why
+        ctx = init_distributed(cfg.device, args.local_rank, full_size_model(cfg))
+    except ConfigError as err:
+        local_rank = args.local_rank if args.local_rank is not None else int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank == 0:
+            print(f"config error: {err}", file=sys.stderr)
+        return 2
     failed = True  # every way out, error or not, tears the process group down through cleanup()
     try:
         log = setup_logger(None if args.eval_only else RunFolder(cfg.run_dir).log_file, ctx.is_main)
@@ -71,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
                 if ctx.is_main:
                     print(format_step_table([summary]))
             else:
+                refuse_batch_too_large_for_gpu(cfg, ctx)
                 IncrementalTrainer(cfg, ctx, resume=args.resume).run()
                 if ctx.is_main and cfg.train.qualitative_figure:
                     from analysis.figures import write_qualitative_figure
@@ -91,6 +99,20 @@ def run(args: argparse.Namespace) -> int:
     finally:
         cleanup(failed)
     return 0
+
+
+def refuse_batch_too_large_for_gpu(cfg, ctx) -> None:
+    """On CUDA, refuse in one line a per-GPU batch whose estimated peak memory exceeds the card
+    (utils/gpu_memory.py), instead of an out-of-memory error in the middle of a step."""
+    if ctx.device.type != "cuda":
+        return
+    import torch
+
+    from trainer.step import effective_precision
+    from utils.gpu_memory import check_batch_fits
+    properties = torch.cuda.get_device_properties(ctx.device)
+    check_batch_fits(cfg, batch_per_process(cfg.train.batch_size, ctx.world_size),
+                     effective_precision(ctx.device, cfg.train.amp), properties.name, properties.total_memory / 2**30)
 
 
 if __name__ == "__main__":

@@ -112,6 +112,10 @@ class Run:
         custom = f", custom class order {order}" if order else ""
         return f"{dataset} {task}{custom} · eval {evaluation} · {when}"
 
+    @property
+    def ran_on(self) -> str:
+        return ran_on(self.meta)
+
     def row_key(self) -> tuple:
         return (self.meta.get("method", "?"), self.meta.get("architecture", "?"),
                 self.meta.get("checkpoint_policy", "?"))
@@ -158,18 +162,29 @@ def collect_runs(paths: list[Path]) -> Collected:
 
 
 # ------------------------------------------------------------------ tables
+def ran_on(meta: dict) -> str:
+    """The device and the precision autocast used (results.json's ``meta.runtime``), e.g. "NVIDIA H100, bf16, 4
+    processes"; "-" for results written before it was recorded."""
+    runtime = meta.get("runtime")
+    if not isinstance(runtime, dict):
+        return "-"
+    text = f"{runtime.get('device_name', '?')}, {runtime.get('precision', '?')}"
+    processes = runtime.get("world_size", 1)
+    return text + (f", {processes} processes" if isinstance(processes, int) and processes > 1 else "")
+
+
 def comparison_table(runs: list[dict]) -> str:
-    """Markdown: one row per run (results.json content), its last finished step's means."""
+    """Markdown: one row per run (results.json content), its last finished step's means and where it ran."""
     columns = mean_columns([run["steps"][-1] for run in runs])
     header = ["run", "task", "setting", "method", "model", "checkpoint", "eval", "steps done",
-              *(label for _, label in columns)]
+              *(label for _, label in columns), "ran on"]
     rows = []
     for run in runs:
         meta, last = run["meta"], run["steps"][-1]
         rows.append([str(meta.get("name", "?")), f"{meta.get('dataset', '?')} {meta.get('task', '?')}",
                      *(str(meta.get(key, "?")) for key in ("setting", "method", "architecture", "checkpoint_policy",
                                                            "eval_mode")),
-                     str(last["step"] + 1), *(percent(last.get(key)) for key, _ in columns)])
+                     str(last["step"] + 1), *(percent(last.get(key)) for key, _ in columns), ran_on(meta)])
     return markdown_table(header, rows)
 
 
@@ -210,7 +225,8 @@ def papers_tables(runs: list[Run]) -> str:
 
 
 CSV_FIELDS = ("run", "folder", "dataset", "task", "class_order", "setting", "evaluation", "step", "finished",
-              "method", "architecture", "checkpoint_policy", *(key for key, _ in MEAN_COLUMNS), REFERENCE_COLUMN[0])
+              "method", "architecture", "checkpoint_policy", "ran_on", *(key for key, _ in MEAN_COLUMNS),
+              REFERENCE_COLUMN[0])
 
 
 def runs_csv(runs: list[Run]) -> str:
@@ -223,7 +239,7 @@ def runs_csv(runs: list[Run]) -> str:
         numbers = [("" if run.last.get(key) is None else f"{100 * run.last[key]:.4f}")
                    for key in CSV_FIELDS[CSV_FIELDS.index("miou_old"):]]
         writer.writerow([run.name, str(run.path), dataset, task, order or "", run.meta.get("setting", "?"),
-                         evaluation, step, run.finished, *run.row_key(), *numbers])
+                         evaluation, step, run.finished, *run.row_key(), run.ran_on, *numbers])
     return out.getvalue()
 
 

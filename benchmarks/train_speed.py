@@ -55,7 +55,7 @@ from datasets.splits import selection_image_ids, step_image_ids
 from datasets.tasks import NUM_CLASSES, Task, get_task
 from trainer.engine import collect_step_statistics, device_batch, evaluate, train_iteration
 from trainer.methods import build_method
-from trainer.step import StepRun, TrainState, plan_step, step_models, validation_due
+from trainer.step import StepRun, TrainState, effective_precision, plan_step, step_models, validation_due
 from utils.config import Config, load_config
 from utils.distributed import DistContext, init_distributed, sum_over_processes
 from utils.presets import PRESETS
@@ -133,10 +133,10 @@ def benchmark_config(config_path: str, arch: str, spec: dict) -> Config:
 
 
 def precision(cfg: Config, device: torch.device) -> str:
-    """What the trainer computes in: autocast on CUDA only (trainer.step.autocast_context)."""
-    if device.type == "cuda" and cfg.train.amp != "none":
-        return f"{cfg.train.amp} autocast"
-    return "fp32"
+    """What the trainer computes in (trainer.step.effective_precision): autocast on CUDA only, bf16 as fp16 on GPUs
+    without bf16 tensor cores."""
+    effective = effective_precision(device, cfg.train.amp)
+    return "fp32" if effective == "fp32" else f"{effective} autocast"
 
 
 def train_image_counts(cfg: Config, task: Task) -> tuple[list[int], str]:

@@ -165,12 +165,24 @@ def eval_transforms_for(data_cfg) -> v2.Transform:
     return eval_transforms(data_cfg.eval_mode, data_cfg.base_size, data_cfg.crop_size)
 
 
+@functools.lru_cache(maxsize=None)
+def normalisation_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and std as (1, 3, 1, 1) float32 tensors on ``device``, built once per device. torchvision's
+    ``normalize`` builds them from the Python tuples at every call: on CUDA two blocking host-to-device copies
+    per batch, each a host-device synchronisation."""
+    mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
+    return mean.to(device), std.to(device)
+
+
 def normalize_on_device(images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) uint8 images -> float32 ImageNet-normalised model input, on their device."""
+    """(B, 3, H, W) uint8 images -> float32 ImageNet-normalised model input, on their device; bit for bit what
+    torchvision's ``to_dtype(scale=True)`` then ``normalize`` give, without copying anything from the host."""
     if images.dtype != torch.uint8:
         raise TypeError(f"expected uint8 images, got {images.dtype}")
+    mean, std = normalisation_constants(images.device)
     # in place on the new float tensor: on CPU a second image-sized allocation cost more than the arithmetic
-    return F.normalize(F.to_dtype(images, torch.float32, scale=True), IMAGENET_MEAN, IMAGENET_STD, inplace=True)
+    return F.to_dtype(images, torch.float32, scale=True).sub_(mean).div_(std)
 
 
 def denormalize(images: torch.Tensor) -> torch.Tensor:

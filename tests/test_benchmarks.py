@@ -67,3 +67,15 @@ def test_losses_benchmark_rejects_a_folder_without_their_loss_file(tmp_path):
     done = run_benchmark("--reference-repo", str(tmp_path))
     assert done.returncode != 0
     assert str(tmp_path) in done.stderr and "utils/loss.py" in done.stderr
+
+
+def test_memory_benchmark_prints_fake_tensor_estimates():
+    result = subprocess.run([sys.executable, "-m", "benchmarks.memory", "--small", "--recipes", "voc_r101", "voc_vit"],
+                            capture_output=True, text=True, cwd=REPO_ROOT, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    for name, precision in (("voc_r101", "bf16"), ("voc_vit", "fp16")):
+        row = report["recipes"][name][precision]
+        assert [r["batch"] for r in row["step1"]] == [2, 4] and row["step0"]["step"] == 0
+        assert row["step1"][1]["peak_gib"] > row["step1"][0]["peak_gib"] > 0  # more images, more memory
+        assert row["step1_fit"]["per_image_gib"] > 0

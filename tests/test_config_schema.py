@@ -81,7 +81,7 @@ TODAYS_EXPERIMENT_KEYS = frozenset({
 TODAYS_HARMLESS_KEYS = frozenset({
     "name", "output_dir", "device", "start_step", "end_step",
     "data.root", "data.class_lists", "data.cache_dir", "data.num_workers", "data.prefetch_factor",
-    "train.val_batch_size", "train.compile", "train.checkpoint_interval", "train.log_interval",
+    "train.val_batch_size", "train.compile", "train.sync_bn", "train.checkpoint_interval", "train.log_interval",
     "train.image_log_interval", "train.qualitative_images", "train.qualitative_figure",
     "train.step0_checkpoint",
 })

@@ -57,12 +57,13 @@ def test_three_step_run_writes_every_output(finished_run, data_root):
     results = json.loads((run_dir / "results.json").read_text())
     assert {"task", "method", "checkpoint_policy", "eval_mode", "processes"} <= results["meta"].keys()
     assert results["meta"]["checkpoint_policy"] == "last" and results["meta"]["processes"] == 1
+    assert results["meta"]["runtime"]["precision"] == "fp32" and results["meta"]["runtime"]["world_size"] == 1
     assert results["meta"]["method"].startswith("mbs")
     steps = results["steps"]
     assert [s["step"] for s in steps] == [0, 1, 2]
     for s in steps:
         assert {"miou_old", "miou_new", "miou_all"} <= s.keys()
-        assert s["iterations"] == 3
+        assert s["iterations"] == 3 and s["skipped_steps"] == 0 and s["nonfinite_losses"] == 0
         assert 0.0 <= s["miou_all"] <= 1.0 and 0.0 <= s["miou_old"] <= 1.0
         assert len(s["iou"]) == sum(len(c) for c in STEPS_3[: s["step"] + 1])
         assert s["step_classes"] == [CLASS_NAMES[c] for c in STEPS_3[s["step"]]]
@@ -198,9 +199,14 @@ def test_two_process_run(data_root, runs_dir):
     results = json.loads((run_dir / "results.json").read_text())
     assert [s["step"] for s in results["steps"]] == [0, 1]
     assert results["meta"]["processes"] == 2
+    runtime = results["meta"]["runtime"]  # what ran
+    assert runtime["world_size"] == 2 and runtime["backend"] == "gloo" and runtime["sync_bn"] is False
+    assert runtime["device"] == "cpu" and runtime["precision"] == "fp32" and runtime["compile"] is False
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step0.pt", "step1.pt"]
     log = (run_dir / "log.txt").read_text()
     assert log.count("batch 4 (2 per process x 2 processes)") == 2
+    assert log.count("runtime: cpu; torch ") == 1 and "; 2 processes (gloo); synchronised batch norm off" in log
+    assert not list(run_dir.glob(".ranks_*"))  # the shared-folder token is gone
     assert len(event_files(run_dir)) == 1  # only rank 0 writes tensorboard
 
 

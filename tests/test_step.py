@@ -21,18 +21,21 @@ def step_run(monkeypatch=None, method_name="mbs", **train):
     return StepRun(1, model, old, method, StepPlan(1, 4, 4, 0.01), cfg.train, DistContext())
 
 
-def test_compile_is_opt_in_and_wraps_the_training_forwards(monkeypatch):
+def test_compile_is_opt_in_and_compiles_the_step_invariant_trunk_in_place(monkeypatch):
     compiled = []
 
-    def fake_compile(module):
-        compiled.append(module)
-        return module
+    def fake_compile(function):
+        compiled.append(function)
+        return function
 
     monkeypatch.setattr(torch, "compile", fake_compile)
     plain = step_run(compile=False)
     assert compiled == [] and plain.train_model is plain.model and plain.old_forward is plain.old_model
     run = step_run(compile=True)
-    assert compiled == [run.model, run.old_model]  # the trained model and the frozen old model's forward
+    # the forwards of the backbone and the ASPP of the trained model and of the frozen old model, nothing else
+    assert compiled == [run.model.backbone.forward, run.model.aspp.forward, run.old_model.backbone.forward,
+                        run.old_model.aspp.forward]
+    assert run.train_model is run.model and run.old_forward is run.old_model
     assert all(not key.startswith("_orig_mod") for key in run.state_dict()["model"])  # checkpoints unchanged
 
 

@@ -15,7 +15,7 @@ from utils.distributed import DistContext
 from utils.logs import TensorboardWriter
 from utils.metrics import ConfusionMatrix
 
-from .step import StepRun, autocast_context, memory_format_for
+from .step import StepRun, autocast_context, effective_precision, memory_format_for
 
 
 @dataclass
@@ -67,11 +67,7 @@ def train_iteration(run: StepRun, images: torch.Tensor, labels: torch.Tensor
         terms = run.method.losses(labels, output, old_output, run.model)
         loss = sum(terms.values())
     run.watch_loss(loss)  # checked at logging and checkpoint points: no host sync per iteration
-    run.optimizer.zero_grad(set_to_none=True)
-    run.scaler.scale(loss).backward()
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
-    run.scheduler.step()
+    run.optimizer_step(loss)
     return loss, terms, output
 
 
@@ -122,7 +118,7 @@ def evaluate(model: nn.Module, loader, num_classes: int, ctx: DistContext, amp: 
     has the same shape (cuDNN may tune its convolutions once; full-image evaluation must not)."""
     model.eval()
     matrix = ConfusionMatrix(num_classes, device=ctx.device)
-    autocast = autocast_context(ctx.device, amp)
+    autocast = autocast_context(ctx.device, effective_precision(ctx.device, amp))
     memory_format = memory_format_for(model, ctx.device)
     tuned = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = tuned and fixed_size

@@ -42,7 +42,8 @@ from .engine import StepLogger, collect_step_statistics, train
 from .evaluator import StepEvaluator
 from .loaders import train_loader
 from .methods import IncrementalMethod, build_method, resolve_switches
-from .step import StepRun, plan_step, step_models, validation_due
+from .step import (BATCH_NORM_ARCHITECTURES, StepRun, describe_runtime, plan_step, precision_fallback, runtime_record,
+                   step_models, synchronised_batch_norm, validation_due)
 from .step0_reuse import find_reusable_step0, recipe_hash, reuse_record, step0_recipe
 
 
@@ -55,7 +56,7 @@ def seed_everything(seed: int) -> None:
 def check_batch_for_batch_norm(cfg: Config, ctx: DistContext) -> None:
     """DeepLab's image-pooling batch norm needs two images per process unless several GPUs synchronise it."""
     per_process = batch_per_process(cfg.train.batch_size, ctx.world_size)  # the same refusal on every rank
-    synchronised_norm = ctx.distributed and ctx.device.type == "cuda"  # SyncBatchNorm (trainer/step.py)
+    synchronised_norm = synchronised_batch_norm(cfg.train, cfg.model.architecture in BATCH_NORM_ARCHITECTURES, ctx)
     if per_process == 1 and cfg.model.architecture == "deeplabv3" and not synchronised_norm:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} leaves one image per process: the batch norm "
                           "of DeepLab-V3's image-pooling branch needs at least two (or several GPUs, whose "
@@ -87,6 +88,7 @@ class IncrementalTrainer:
             raise ConfigError(f"steps {cfg.start_step}..{self.end_step} are outside task {self.task.name} "
                               f"(steps 0..{self.task.num_steps - 1})")
         check_batch_for_batch_norm(cfg, ctx)
+        self.runtime = runtime_record(cfg.train, cfg.model.architecture, ctx)  # what runs: logged, in results.json
         # A no-op until run() has checked the run folder: a refused run or --eval-only writes no event file.
         self.writer = TensorboardWriter(None, False)
         self.evaluator = StepEvaluator(cfg, self.task, ctx, self.writer)
@@ -104,11 +106,17 @@ class IncrementalTrainer:
     def run_holding_the_folder(self) -> list[dict]:
         run_on_main(self.ctx, lambda: self.folder.prepare(self.cfg, [list(s) for s in self.task.steps], self.resume,
                                                              self.log))
+        # rank 0 writes the checkpoints and every rank reads them: refuse ranks that do not share the folder
+        self.folder.check_shared_by_ranks(self.ctx.rank, self.ctx.world_size)
         # on rank 0 first, so ranks never race; a data error found there is raised on every rank
         self.skipped_bad_files = run_on_main(
             self.ctx, lambda: prepare_run_data(self.cfg.data, self.folder.bad_files_list, self.log)) or {}
         self.writer = self.evaluator.writer = TensorboardWriter(self.folder.tensorboard_dir, self.ctx.is_main)
         try:
+            self.log.info("%s", describe_runtime(self.runtime))
+            fallback = precision_fallback(self.ctx.device, self.cfg.train.amp)
+            if fallback and self.ctx.is_main:
+                self.log.warning("%s", fallback)
             self.log.info("task %s:%s (%s), %d steps, method %s, checkpoint policy %s, eval %s",
                           self.cfg.data.dataset, self.task.name, self.cfg.data.setting, self.task.num_steps,
                           self.switches.describe(), self.cfg.train.checkpoint_policy, self.cfg.data.eval_mode)
@@ -141,6 +149,7 @@ class IncrementalTrainer:
         kept = self.choose_weights(run)
         metrics = self.evaluator.test(run.model, step)
         metrics.update({"checkpoint": kept, "iterations": run.state.iteration,
+                        "skipped_steps": run.state.skipped_steps, "nonfinite_losses": run.state.nonfinite_losses,
                         "validation_history": run.state.history})
         self.save_finished_step(step, run.model.state_dict(), metrics)
         return metrics
@@ -311,4 +320,4 @@ class IncrementalTrainer:
                 "base_size": cfg.data.base_size, "crop_size": cfg.data.crop_size,
                 "steps": [list(s) for s in self.task.steps], "processes": self.ctx.world_size,
                 "threads": torch.get_num_threads(),  # CPU results depend on it (the order of float sums)
-                "skipped_bad_files": self.skipped_bad_files}
+                "skipped_bad_files": self.skipped_bad_files, "runtime": self.runtime}

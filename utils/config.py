@@ -221,7 +221,8 @@ class TrainConfig:
     momentum: float = config_key(0.9, EXPERIMENT, STEP0, range=PROBABILITY)
     nesterov: bool = config_key(True, EXPERIMENT, STEP0)
     weight_decay: float = config_key(1e-4, EXPERIMENT, STEP0, range=AT_LEAST_0)
-    amp: str = config_key("bf16", EXPERIMENT, STEP0, choices={"bf16", "fp16", "none"})  # CUDA only; CPU runs in fp32
+    # CUDA only (CPU runs in fp32); bf16 on a GPU of compute capability < 8.0 runs as fp16 with loss scaling
+    amp: str = config_key("bf16", EXPERIMENT, STEP0, choices={"bf16", "fp16", "none"})
     # cap iterations per step (quick runs, tests)
     max_iters_per_step: Optional[int] = config_key(None, EXPERIMENT, STEP0, range=AT_LEAST_1)
     # validation during a step: none | epochs (every val_interval epochs) | reference (the MBS reference's
@@ -231,7 +232,12 @@ class TrainConfig:
     val_interval: int = config_key(1, EXPERIMENT, STEP0, range=AT_LEAST_1)
     # last | best (the weights that validated best, as the reference)
     checkpoint_policy: str = config_key("last", EXPERIMENT, STEP0, choices={"last", "best"})
-    compile: bool = config_key(False, HARMLESS)  # torch.compile the model (and the loss) for training
+    # torch.compile the step-invariant trunk (DeepLab backbone + ASPP, the ViT encoder blocks) of the model and of the
+    # frozen old model, once per run; the classifiers, the decoder and the losses stay eager
+    compile: bool = config_key(False, HARMLESS)
+    # synchronised batch norm across processes: null = on when several CUDA processes train (as MiB/PLOP's
+    # InPlaceABNSync), false = each GPU normalises over its own images (no ~111 host syncs per R101 forward)
+    sync_bn: Optional[bool] = config_key(None, HARMLESS)
     # reuse a finished step 0: a step0.pt path, or auto (same family); harmless: a reused step 0 has the same
     # recipe as one trained here (trainer/step0_reuse.py)
     step0_checkpoint: Optional[str] = config_key(None, HARMLESS)
@@ -563,6 +569,25 @@ def check_device(device: str) -> None:
         if not torch.cuda.is_available():
             raise ConfigError("config key 'device': cuda was asked for, but CUDA is not available on this machine "
                               "(use device=auto or cpu)")
+
+
+# The smallest training crop at which a model counts as full size (see full_size_model).
+FULL_SIZE_CROP = 512
+
+
+def full_size_model(cfg: Config) -> Optional[str]:
+    """A description of the model when it is full size, else None. Full size: DeepLab-V3 with ResNet-101, or a
+    Segmenter whose encoder is a ViT-Base or larger taken as named (no ``model.backbone_overrides``), trained at
+    ``data.crop_size`` >= 512: the published recipes, which nobody means to train on a CPU."""
+    model, crop = cfg.model, cfg.data.crop_size
+    if crop < FULL_SIZE_CROP:
+        return None
+    if model.architecture == "deeplabv3" and model.backbone == "resnet101":
+        return f"DeepLab-V3 ResNet-101 at {crop} px"
+    if (model.architecture == "segmenter" and not model.backbone_overrides
+            and model.backbone.startswith(("vit_base", "vit_large", "vit_huge", "deit_base"))):
+        return f"Segmenter {model.backbone} at {crop} px"
+    return None
 
 
 def batch_per_process(batch_size: int, world_size: int) -> int:

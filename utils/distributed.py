@@ -17,7 +17,7 @@ from typing import Callable, Optional, TypeVar
 import torch
 import torch.distributed as dist
 
-from utils.config import check_device
+from utils.config import ConfigError, check_device
 from utils.errors import STOP_SIGNALS
 
 
@@ -37,22 +37,110 @@ class DistContext:
         return self.world_size > 1
 
 
-def init_distributed(device: str = "auto", local_rank: Optional[int] = None) -> DistContext:
+def init_distributed(device: str = "auto", local_rank: Optional[int] = None,
+                     full_size_model: Optional[str] = None) -> DistContext:
+    """This process's rank, world size and device, and the process group when several processes run.
+    ``device: auto`` takes CUDA when it is usable; when it is not, a run of several processes or of a
+    ``full_size_model`` (its description; ``utils.config.full_size_model``) stops with a ConfigError instead of
+    training on the CPU unasked. A GPU this torch build has no kernels for is refused too."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     if local_rank is None:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
     check_device(device)  # load_config checked it already; this is for callers that build no Config
+    if device == "auto" and not use_cuda:
+        refuse_silent_cpu_fallback(world_size, full_size_model)
     if use_cuda:
         torch.cuda.set_device(local_rank)
         torch_device = torch.device("cuda", local_rank)
+        problem = unsupported_gpu(torch_device)
+        if problem:
+            raise ConfigError(f"config key 'device': {problem}; install a torch build that has kernels for it "
+                              "(docs/running.md#requirements), or pass device=cpu")
     else:
         torch_device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", rank=rank, world_size=world_size,
                                 **({"device_id": torch_device} if use_cuda else {}))
     return DistContext(rank, world_size, local_rank, torch_device)
+
+
+def build_description() -> str:
+    """The CUDA version this torch was built for and the GPU architectures it has kernels for."""
+    if torch.version.cuda is None:
+        return "this torch build has no CUDA (a CPU-only wheel)"
+    return f"this torch {torch.__version__} is built for CUDA {torch.version.cuda} with kernels for " \
+           f"{' '.join(torch.cuda.get_arch_list()) or 'no architecture'}"
+
+
+def cuda_unavailable_reason() -> str:
+    """Why torch sees no usable CUDA device, in CUDA's own words (no GPU visible, no driver, a driver too old
+    for the build's CUDA version, ...)."""
+    if torch.version.cuda is None:
+        return "this torch build has no CUDA"
+    try:
+        torch.cuda.init()
+    except Exception as err:  # noqa: BLE001 - torch raises RuntimeError (or AssertionError) with the reason
+        return " ".join(str(err).split()) or type(err).__name__
+    return "torch.cuda.is_available() is False"
+
+
+def refuse_silent_cpu_fallback(world_size: int, full_size_model: Optional[str]) -> None:
+    """``device: auto`` found no usable GPU: refuse (ConfigError) when the run was plainly meant for GPUs."""
+    if world_size > 1:
+        meant = f"{world_size} processes were launched"
+    elif full_size_model:
+        meant = f"the model is {full_size_model}"
+    else:
+        return
+    raise ConfigError(f"config key 'device': auto found no usable CUDA device ({cuda_unavailable_reason()}; "
+                      f"{build_description()}: a driver older than that CUDA version needs another torch build, "
+                      f"docs/running.md#requirements), and {meant}; to train on the CPU anyway pass device=cpu")
+
+
+def gpu_runs_build(capability: tuple[int, int], arch_list: list[str]) -> bool:
+    """Whether a GPU of compute ``capability`` runs kernels of a build compiled for ``arch_list``
+    (``torch.cuda.get_arch_list()``): a cubin ``sm_XY`` runs on the same major version with minor >= Y
+    (``sm_90a``-style ones on exactly X.Y), PTX ``compute_XY`` on every capability >= X.Y."""
+    wanted = capability[0] * 10 + capability[1]
+    for arch in arch_list:
+        kind, _, code = arch.partition("_")
+        digits = "".join(c for c in code if c.isdigit())
+        if not digits:
+            continue
+        number = int(digits)
+        major = number // 10
+        if kind == "sm" and (number == wanted if code != digits else major == capability[0] and number <= wanted):
+            return True
+        if kind == "compute" and number <= wanted:
+            return True
+    return False
+
+
+def unsupported_gpu(device: torch.device) -> Optional[str]:
+    """Why this torch build cannot run kernels on ``device`` (e.g. a V100 with a build without sm_70), or None.
+    Without the check the first kernel fails with "no kernel image is available for execution on the device"."""
+    arch_list = torch.cuda.get_arch_list()
+    capability = torch.cuda.get_device_capability(device)
+    if not arch_list or gpu_runs_build(capability, arch_list):
+        return None
+    return (f"the GPU {device} ({torch.cuda.get_device_name(device)}, compute capability "
+            f"{capability[0]}.{capability[1]}) has no kernels in this build: {build_description()}")
+
+
+def describe_device(device: torch.device) -> dict:
+    """What ran: the device (name and compute capability, or the CPU) and the versions of torch, CUDA and cuDNN
+    of this build; the process group's backend."""
+    record = {"device": str(device), "device_name": "CPU", "capability": None, "memory_gib": None,
+              "torch": torch.__version__, "cuda": torch.version.cuda,
+              "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+              "backend": dist.get_backend() if dist.is_available() and dist.is_initialized() else None}
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        record.update(device_name=torch.cuda.get_device_name(device), capability=f"{major}.{minor}",
+                      memory_gib=round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1))
+    return record
 
 
 def barrier() -> None:
@@ -80,6 +168,13 @@ def cleanup(failed: bool = False, timeout_s: float = 30.0) -> None:
         pass
     finally:
         dist.destroy_process_group()
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` replaced, in place, by its element-wise maximum over all ranks (itself without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
 
 
 def all_gather_object(obj) -> list:

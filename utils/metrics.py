@@ -42,8 +42,13 @@ class ConfusionMatrix:
         target = target.reshape(-1).to(self.matrix.device, torch.int64)
         prediction = prediction.reshape(-1).to(self.matrix.device, torch.int64)
         valid = (target >= 0) & (target < n)
-        # one bincount over t * n + p is the whole update: no loop over classes
-        self.matrix += torch.bincount(target[valid] * n + prediction[valid], minlength=n * n).view(n, n)
+        # One count over the cells t * n + p (no loop over classes). Uncounted pixels go to one extra cell instead
+        # of being selected out: a boolean-mask selection, and bincount (which reads its input's min and max to
+        # size its output), make the host wait for the device on CUDA; a fixed-size index_add_ does not.
+        cells = torch.where(valid, target * n + prediction, n * n)
+        counts = torch.zeros(n * n + 1, dtype=torch.int64, device=cells.device)
+        counts.index_add_(0, cells, torch.ones((), dtype=torch.int64, device=cells.device).expand(cells.numel()))
+        self.matrix += counts[: n * n].view(n, n)
 
     def reduce_from_all_processes(self) -> None:
         if dist.is_available() and dist.is_initialized():

@@ -11,6 +11,7 @@ A run folder holds::
     results.json, results.md         the metrics of every finished step (written after each)
     bad_files.txt                    the data preflight's list of unusable samples, if any
     run.lock                         locked by the run using the folder; holds its pid and host
+    .ranks_<nonce>.token             for a moment at the start of a multi-process run: every rank must read it
 
 A finished-step file is only ever written complete, so its presence means the step is done; ``--resume``
 never retrains it. Before a run starts (:meth:`RunFolder.prepare`): the folder must be writable, finished
@@ -28,6 +29,7 @@ import json
 import logging
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -36,6 +38,7 @@ import yaml
 from utils import checkpoint as ckpt
 from utils.config import (HARMLESS_KEYS, Config, ConfigError, UniqueKeyLoader, config_from_dict, config_yaml,
                           resolved_config_items)
+from utils.distributed import all_gather_object, broadcast_object
 from utils.errors import UserError
 from utils.files import TEMPORARY_PATTERN, atomic_write_text, read_text, temporary_sibling
 from utils.results import results_markdown
@@ -49,6 +52,8 @@ class RunFolderError(UserError):
 # Bytes the writability probe writes: enough that a full disk fails it, as an empty file would not.
 PROBE_BYTES = 64 * 1024
 # flock's answers on a file system that does not lock (e.g. Lustre mounted without -o flock).
+# How long a rank waits for rank 0's token to appear (a shared file system may show a new file late).
+TOKEN_WAIT_S = 10.0
 LOCKING_UNSUPPORTED = frozenset({errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL})
 
 
@@ -104,6 +109,11 @@ class RunFolder:
     def lock_file(self) -> Path:
         """flock-ed by rank 0 of the run using the folder (:meth:`lock`); holds that process's pid and host."""
         return self.path / "run.lock"
+
+    def ranks_token(self, nonce: str) -> Path:
+        """Written by rank 0 at the start of a multi-process run, read by every rank (:meth:`check_shared_by_ranks`),
+        then removed; a fresh name per run, so no node can have cached an earlier one."""
+        return self.path / f".ranks_{nonce}.token"
 
     @property
     def checkpoint_dir(self) -> Path:
@@ -335,8 +345,49 @@ class RunFolder:
                                  "pass --resume to continue it, or choose another name/output_dir")
         if resume:
             self.check_same_experiment(cfg, task_steps, log)
-        # Temporary files of an atomic write cut short (the process was killed while saving).
-        for stale in [*self.path.glob(TEMPORARY_PATTERN), *self.checkpoint_dir.glob(TEMPORARY_PATTERN)]:
+        # Temporary files of an atomic write cut short (the process was killed while saving), tokens of a
+        # multi-process start that was killed.
+        for stale in [*self.path.glob(TEMPORARY_PATTERN), *self.checkpoint_dir.glob(TEMPORARY_PATTERN),
+                      *self.path.glob(self.ranks_token("*").name)]:
             log.info("removing %s (left by an interrupted write)", stale)
             stale.unlink()
         atomic_write_text(self.config_file, config_yaml(cfg))
+
+    def check_shared_by_ranks(self, rank: int, world_size: int) -> None:
+        """Every rank of a multi-process run must see this folder: rank 0 writes the checkpoints and every rank
+        reads them (the next step's start, --resume). Rank 0 writes a token, every rank reads it; when a rank
+        cannot (a node without the shared file system), every rank raises the same :class:`RunFolderError` now,
+        instead of a missing checkpoint after the first step. A collective: every rank calls it."""
+        if world_size < 2:
+            return
+        nonce = None
+        if rank == 0:
+            nonce = os.urandom(8).hex()
+            try:
+                atomic_write_text(self.ranks_token(nonce), f"{nonce}\n")
+            except OSError:
+                nonce = None  # every rank reports it below
+        nonce = broadcast_object(nonce)
+        seen = nonce is not None and self._token_appears(self.ranks_token(nonce), nonce)
+        everyone = all_gather_object((seen, socket.gethostname()))
+        if rank == 0 and nonce is not None:
+            with contextlib.suppress(OSError):
+                self.ranks_token(nonce).unlink()
+        blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(everyone) if not ok]
+        if blind:
+            raise RunFolderError(f"{', '.join(blind)} cannot read the token rank 0 wrote into the run folder "
+                                 f"{self.path} (output_dir/name): rank 0 writes the checkpoints and every rank reads "
+                                 "them, so every node needs that folder on a shared file system (set output_dir to one)")
+
+    @staticmethod
+    def _token_appears(path: Path, nonce: str) -> bool:
+        deadline = time.monotonic() + TOKEN_WAIT_S
+        while True:
+            try:
+                if path.read_text().strip() == nonce:
+                    return True
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.2)
