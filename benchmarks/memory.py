@@ -123,7 +123,7 @@ def estimate(config: str, step: int, batch: int, precision: str, size: int = 512
     task = get_task(cfg.data.dataset, cfg.data.task)
     started = time.time()
     torch.manual_seed(0)
-    method = build_method(cfg.method, task.num_old_channels(step), task.num_channels(step))
+    method = build_method(cfg.method, cfg.data.dataset, task.num_old_channels(step), task.num_channels(step))
     # built with real weights (timm reads numbers it draws), then every weight replaced by a fake one
     mode = FakeTensorMode()
     model, old_model = (None if m is None else as_fake(m, mode)

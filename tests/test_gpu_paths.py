@@ -53,7 +53,7 @@ def tiny_step_run(step=1, precision=None, architecture="deeplabv3", overrides=()
     cfg = load_config(None, model_options + list(overrides))
     task = Task("voc", "tiny", ((0, 1, 2), (3, 4), (5, 6)))
     torch.manual_seed(seed)
-    method = build_method(cfg.method, task.num_old_channels(step), task.num_channels(step))
+    method = build_method(cfg.method, cfg.data.dataset, task.num_old_channels(step), task.num_channels(step))
     model, old = step_models(cfg.model, task, step, method, 32)
     run = StepRun(step, model, old, method, StepPlan(1, 100, 100, 0.01), cfg.train, DistContext(),
                   precision=precision)
@@ -357,7 +357,7 @@ def test_a_persistently_nan_fp16_run_stops(monkeypatch):
     run = tiny_step_run(precision="fp16")
     images, labels = batch()
     real_forward = run.model.forward
-    monkeypatch.setattr(run.model, "forward", lambda x: real_forward(x * float("nan")))
+    monkeypatch.setattr(run.model, "forward", lambda x, **options: real_forward(x * float("nan"), **options))
     for iteration in range(1, 13):
         iterate(run, images, labels)
         run.state.iteration = iteration
@@ -414,7 +414,7 @@ def test_compiled_trunk_serves_every_step_of_an_eleven_step_task(monkeypatch):
         images, labels = batch(size=32, new_class=0)
         previous = None
         for step in range(task.num_steps):
-            method = build_method(cfg.method, task.num_old_channels(step), task.num_channels(step))
+            method = build_method(cfg.method, cfg.data.dataset, task.num_old_channels(step), task.num_channels(step))
             model, old = step_models(cfg.model, task, step, method, 32, previous)
             run = StepRun(step, model, old, method, StepPlan(1, 1, 1, 0.01), cfg.train, DistContext())
             iterate(run, images, labels)
