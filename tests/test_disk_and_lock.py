@@ -106,6 +106,7 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
 
 
 # ------------------------------------------------------------------ a real full disk
+@pytest.mark.slow
 def test_a_checkpoint_bigger_than_the_disk_is_one_line(on_small_tmpfs):
     result, found = on_small_tmpfs("""
         import torch
@@ -125,6 +126,7 @@ def test_a_checkpoint_bigger_than_the_disk_is_one_line(on_small_tmpfs):
     assert found["free"] > 900 * 1024  # the space the temporary file took is free again
 
 
+@pytest.mark.slow
 def test_results_bigger_than_the_space_left_are_one_line(on_small_tmpfs):
     result, found = on_small_tmpfs("""
         from utils.run_folder import RunFolder
@@ -145,6 +147,7 @@ def test_results_bigger_than_the_space_left_are_one_line(on_small_tmpfs):
     assert found["files"] == ["results.json", "results.md"] and found["previous_kept"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("when", ["before_the_writer_opens", "while_logging"])
 def test_tensorboard_on_a_full_disk_is_one_line(on_small_tmpfs, when):
     result, found = on_small_tmpfs(f"""
@@ -181,6 +184,7 @@ def test_tensorboard_on_a_full_disk_is_one_line(on_small_tmpfs, when):
     assert not found["enabled"]  # nothing more is logged into the broken file
 
 
+@pytest.mark.slow
 def test_a_full_disk_fails_the_run_folder_probe(on_small_tmpfs):
     """Through main.py: refused before the log file is opened or any data is read."""
     result, found = on_small_tmpfs(f"""
@@ -273,6 +277,7 @@ def held_by(pid: int) -> str:
     return f"is in use by another run (pid {pid} on host {socket.gethostname()};"
 
 
+@pytest.mark.slow
 def test_a_locked_run_folder_is_refused_until_its_holder_dies(folder_holder):
     run_dir, start = folder_holder
     log = logging.getLogger("test")
@@ -301,6 +306,7 @@ def test_the_lock_is_released_when_the_run_fails(tmp_path):
         pass
 
 
+@pytest.mark.slow
 def test_a_second_run_into_a_folder_in_use_is_one_line(folder_holder, tmp_path, capsys):
     run_dir, start = folder_holder
     data = tmp_path / "data"

@@ -353,6 +353,7 @@ def test_a_nan_loss_with_finite_gradients_is_a_nonfinite_loss_not_a_skip(monkeyp
     assert "the loss was not finite in 1 of the iterations 1..1" in caplog.text and "skipped" not in caplog.text
 
 
+@pytest.mark.slow
 def test_a_persistently_nan_fp16_run_stops(monkeypatch):
     run = tiny_step_run(precision="fp16")
     images, labels = batch()
@@ -367,6 +368,7 @@ def test_a_persistently_nan_fp16_run_stops(monkeypatch):
         run.check_losses()
 
 
+@pytest.mark.slow
 def test_an_fp16_run_whose_scale_collapses_stops():
     run = tiny_step_run(precision="fp16")
     images, labels = batch()
@@ -392,6 +394,7 @@ def test_a_skipped_first_step_does_not_warn_about_the_schedule():
 
 
 # ------------------------------------------------------------------ 5. compile across the steps of a task
+@pytest.mark.slow
 def test_compiled_trunk_serves_every_step_of_an_eleven_step_task(monkeypatch):
     import torch._dynamo
     from trainer.engine import evaluate

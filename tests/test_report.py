@@ -174,6 +174,7 @@ def test_published_file_holds_mib_and_plop_numbers():
             assert abs((num_old * old + (21 - num_old) * new) / 21 - all_) <= (0.08 if task == "15-5" else 0.01)
 
 
+@pytest.mark.slow
 def test_mib_and_plop_runs_beside_their_rows_in_the_sources_convention(tmp_path):
     """A finished MiB DeepLab R101 run is set beside MiB's own Table 1 and PLOP's re-run with miou_old / miou_new /
     miou_all; an MBS run beside the MBS rows with miou_old_no_bg / miou_new / miou_all_reference. The reference
