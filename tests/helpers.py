@@ -126,3 +126,55 @@ def assert_clean_user_error(result: subprocess.CompletedProcess) -> str:
     lines = error_lines(result)
     assert len(lines) == 1, describe(result)
     return lines[0]
+
+
+def kill_when(command: list[str], log: Path, ready, waiting_for: str) -> None:
+    """Start ``command`` (its output to ``log``) and SIGKILL it the moment ``ready()`` holds; the test fails if
+    the run ends first or nothing happens within ``RUN_TIMEOUT``."""
+    import signal
+    import time
+
+    import pytest
+    with open(log, "w") as output:
+        process = subprocess.Popen(command, cwd=ROOT, env=subprocess_env(), stdout=output, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + RUN_TIMEOUT
+            while not ready():
+                if process.poll() is not None:
+                    pytest.fail(f"the run ended (exit code {process.returncode}) before {waiting_for}:\n"
+                                f"{log.read_text()[-3000:]}")
+                if time.monotonic() > deadline:
+                    pytest.fail(f"not {waiting_for} after {RUN_TIMEOUT} s")
+                time.sleep(0.02)
+            process.send_signal(signal.SIGKILL)
+        finally:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+
+
+def free_port() -> int:
+    """A TCP port free on this host now, for a gloo process group's rendezvous."""
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def on_two_gloo_ranks(target) -> dict:
+    """``target(rank, world_size, port, results)`` in two spawned processes; what each put in ``results``."""
+    import torch.multiprocessing as mp
+    results = mp.Manager().dict()
+    mp.spawn(target, args=(2, free_port(), results), nprocs=2, join=True)
+    return dict(results)
+
+
+def random_step_inputs(batch, num_classes, num_old, height, width, seed):
+    """New logits (with grad), old logits and labels over 0, old classes, new classes and 255."""
+    generator = torch.Generator().manual_seed(seed)
+    new = (3 * torch.randn(batch, num_classes, height, width, generator=generator)).requires_grad_()
+    old = 3 * torch.randn(batch, num_old, height, width, generator=generator)
+    values = torch.tensor([0, *range(1, num_classes), 255])
+    labels = values[torch.randint(0, len(values), (batch, height, width), generator=generator)]
+    labels.view(-1)[: len(values)] = values  # every kind of label occurs at least once
+    return new, old, labels

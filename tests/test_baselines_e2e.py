@@ -10,15 +10,12 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import signal
-import subprocess
-import time
 
 import pytest
 import torch
 
-from tests.helpers import (ROOT, RUN_TIMEOUT, STEPS_3, assert_clean_user_error, describe, event_files, file_set,
-                           main_argv, main_command, run, run_in_process, run_options, scalars, subprocess_env)
+from tests.helpers import (ROOT, STEPS_3, assert_clean_user_error, describe, event_files, file_set,
+                           kill_when, main_argv, main_command, run, run_in_process, run_options, scalars)
 
 PASS_LOGGED = "PLOP's entropy thresholds from one pass of the old model"
 # POD slices every map into 4 x 4 regions (spec 2.2): at 32 px the tiny runs need output stride 8 (4 x 4 maps)
@@ -201,24 +198,9 @@ def test_plop_killed_mid_step_resumes_without_a_second_pass_and_bit_identical(da
     partial = checkpoints / "step2_partial.pt"
 
     first_log = run_dir.parent / "plop_resume_first_session.txt"
-    with open(first_log, "w") as output:
-        process = subprocess.Popen(main_command(options), cwd=ROOT, env=subprocess_env(), stdout=output,
-                                   stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + RUN_TIMEOUT
-            # the pass writes the in-step checkpoint at iteration 0; wait for one written by training
-            while partial_iteration(partial) <= 0:
-                if process.poll() is not None:
-                    pytest.fail(f"the run ended (exit code {process.returncode}) before step 2 trained past its "
-                                f"first in-step checkpoint:\n{first_log.read_text()[-3000:]}")
-                if time.monotonic() > deadline:
-                    pytest.fail(f"no {partial} after {RUN_TIMEOUT} s")
-                time.sleep(0.02)
-            process.send_signal(signal.SIGKILL)
-        finally:
-            if process.poll() is None:
-                process.kill()
-            process.wait()
+    # the pass writes the in-step checkpoint at iteration 0; wait for one written by training
+    kill_when(main_command(options), first_log, lambda: partial_iteration(partial) > 0,
+              "step 2 trained past its first in-step checkpoint")
     if (checkpoints / "step2.pt").exists():
         pytest.fail("precondition: the run was to be killed inside step 2, but step2.pt exists already")
     saved = torch.load(partial, map_location="cpu", weights_only=True)

@@ -30,7 +30,7 @@ from utils.config import ConfigError, full_size_model, load_config
 from utils.distributed import DistContext, gpu_runs_build, init_distributed, unsupported_gpu
 from utils.metrics import ConfusionMatrix
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, free_port
 
 CUDA = torch.device("cuda", 0)
 TINY_SEGMENTER = ['model.architecture=segmenter', 'model.backbone=vit_tiny_patch16_224',
@@ -505,12 +505,6 @@ def test_ddp_keeps_buffers_and_gradients_lean(monkeypatch):
     # SyncBatchNorm keeps the running statistics equal on every rank: no broadcast of rank 0's buffers
     assert synced["broadcast_buffers"] is False and synced["gradient_as_bucket_view"] is True
     assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in synchronised.modules())
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # ------------------------------------------------------------------ 9. every rank sees the run folder

@@ -12,6 +12,7 @@ import torch
 
 from losses import mbs as L
 from losses import mib, plop
+from tests.helpers import random_step_inputs
 
 
 def logits_from_probs(*pixel_probs):
@@ -256,17 +257,6 @@ from benchmarks.losses import previous_knowledge_distillation, previous_label_gu
 
 # (B, C, C_old, H, W): odd sizes (so means are not divisions by powers of two), C_old = C included.
 SHAPES = [(2, 5, 3, 7, 9), (1, 3, 2, 4, 5), (3, 21, 16, 5, 11), (2, 4, 4, 3, 3)]
-
-
-def random_step_inputs(batch, num_classes, num_old, height, width, seed):
-    """New logits (with grad), old logits and labels over 0, old classes, new classes and 255."""
-    generator = torch.Generator().manual_seed(seed)
-    new = (3 * torch.randn(batch, num_classes, height, width, generator=generator)).requires_grad_()
-    old = 3 * torch.randn(batch, num_old, height, width, generator=generator)
-    values = torch.tensor([0, *range(1, num_classes), 255])
-    labels = values[torch.randint(0, len(values), (batch, height, width), generator=generator)]
-    labels.view(-1)[: len(values)] = values  # every kind of label occurs at least once
-    return new, old, labels
 
 
 def value_and_scaled_grad(loss_fn, new, *args):

@@ -20,7 +20,8 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import (ROOT, STEPS_3, RUN_TIMEOUT, subprocess_env, run_options, main_command, run, run_in_process, main_argv, describe, sha256, file_set, event_files, scalars, assert_clean_user_error)
+from tests.helpers import (ROOT, STEPS_3, RUN_TIMEOUT, subprocess_env, run_options, main_command, run, run_in_process, main_argv, describe, sha256, file_set, event_files, scalars, assert_clean_user_error,
+                           kill_when, on_two_gloo_ranks)
 
 
 # ------------------------------------------------------------------ 1. end to end
@@ -112,24 +113,8 @@ def test_killed_run_resumes_without_retraining(data_root, runs_dir, finished_run
     checkpoints = run_dir / "checkpoints"
     partial = checkpoints / "step2_partial.pt"
 
-    first_log = run_dir.parent / "resume_first_session.txt"
-    with open(first_log, "w") as output:
-        process = subprocess.Popen(main_command(options), cwd=ROOT, env=subprocess_env(), stdout=output,
-                                   stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + RUN_TIMEOUT
-            while not partial.exists():
-                if process.poll() is not None:
-                    pytest.fail(f"the run ended (exit code {process.returncode}) before step 2 wrote {partial}:\n"
-                                f"{first_log.read_text()[-3000:]}")
-                if time.monotonic() > deadline:
-                    pytest.fail(f"no {partial} after {RUN_TIMEOUT} s")
-                time.sleep(0.02)
-            process.send_signal(signal.SIGKILL)
-        finally:
-            if process.poll() is None:
-                process.kill()
-            process.wait()
+    kill_when(main_command(options), run_dir.parent / "resume_first_session.txt", partial.exists,
+              f"step 2 wrote {partial}")
     if (checkpoints / "step2.pt").exists():
         pytest.fail("precondition: the run was to be killed inside step 2, but step2.pt exists already "
                     "(step 2 finished before the kill; give it more iterations)")
@@ -467,16 +452,8 @@ def _agree_on_stop(rank: int, world_size: int, port: int, results) -> None:
 
 @pytest.mark.slow
 def test_ranks_agree_on_a_stop_signal_any_rank_received():
-    import socket
-
-    import torch.multiprocessing as mp
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    manager = mp.Manager()
-    results = manager.dict()
-    mp.spawn(_agree_on_stop, args=(2, port, results), nprocs=2, join=True)
-    assert dict(results) == {0: (False, True, signal.SIGTERM), 1: (False, True, signal.SIGTERM)}
+    results = on_two_gloo_ranks(_agree_on_stop)
+    assert results == {0: (False, True, signal.SIGTERM), 1: (False, True, signal.SIGTERM)}
 
 
 # ------------------------------------------------------------------ 7. step 0 trained once per family

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from losses import mib
 from losses.mbs import log_probabilities, old_probabilities
+from tests.helpers import random_step_inputs
 
 
 def logits_from_probs(*pixel_probs):
@@ -127,17 +128,6 @@ def test_unkd_gradient_reaches_only_the_new_logits():
 
 
 # ------------------------------------------------ shared forms
-def random_step_inputs(batch, num_classes, num_old, height, width, seed):
-    """New logits (with grad), old logits and labels over 0, old classes, new classes and 255."""
-    generator = torch.Generator().manual_seed(seed)
-    new = (3 * torch.randn(batch, num_classes, height, width, generator=generator)).requires_grad_()
-    old = 3 * torch.randn(batch, num_old, height, width, generator=generator)
-    values = torch.tensor([0, *range(1, num_classes), 255])
-    labels = values[torch.randint(0, len(values), (batch, height, width), generator=generator)]
-    labels.view(-1)[: len(values)] = values  # every kind of label occurs at least once
-    return new, old, labels
-
-
 def assert_relatively_close(actual, expected, rtol=1e-5):
     """Within ``rtol`` of each entry or of the largest entry: where a gradient entry is a difference of two
     nearly equal softmax terms (an old channel at a folded pixel: p_c - p_c / P_old), any two float32

@@ -9,6 +9,7 @@ from models.deeplab import DeepLabV3
 from trainer.methods import build_method
 from trainer.step import StepPlan, StepRun
 from utils.config import load_config
+from tests.helpers import on_two_gloo_ranks
 from utils.distributed import DistContext
 
 
@@ -166,14 +167,7 @@ def _plop_pass_on_rank(rank: int, world_size: int, port: int, results) -> None:
 
 @pytest.mark.slow
 def test_two_processes_hold_the_thresholds_of_one_pass_over_all_their_batches():
-    import socket
-
-    import torch.multiprocessing as mp
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    results = mp.Manager().dict()
-    mp.spawn(_plop_pass_on_rank, args=(2, port, results), nprocs=2, join=True)
+    results = on_two_gloo_ranks(_plop_pass_on_rank)
     one_process = _plop_pass(DistContext(), _StepSamples(12))  # the same 3 global batches of 4, in one process
     assert results[0] == results[1] == one_process.tolist()
     # without the sum (no process group: each process alone, as PLOP's own code) rank 0's share gives others
