@@ -63,9 +63,10 @@ def check_batch_for_batch_norm(cfg: Config, ctx: DistContext) -> None:
                           "batch norm is synchronised)")
 
 
-def describe_thresholds(thresholds: torch.Tensor, num_old: int, floor: float) -> str:
+def describe_thresholds(method: IncrementalMethod) -> str:
     """How PLOP's thresholds of the old classes (those an old argmax can pick) fall: at +inf (every
     pseudo-label of the class accepted), at the floor, NaN (none accepted), in between; then the values."""
+    thresholds, num_old, floor = method.thresholds, method.num_old, method.switches.entropy_threshold
     values = thresholds[:num_old].detach().cpu().double()
     infinite = int(torch.isinf(values).sum())
     undefined = int(torch.isnan(values).sum())
@@ -76,17 +77,59 @@ def describe_thresholds(thresholds: torch.Tensor, num_old: int, floor: float) ->
             f"{between} in between [{listed}]")
 
 
+def step_batches(train_set: IncrementalSegmentation, cfg: Config, ctx: DistContext, run: StepRun,
+                 total_iterations: int, start_iteration: int):
+    """This process's batches of the step's iterations ``start_iteration .. total_iterations - 1``, drawn from
+    the step's seed: the per-step pass and the first training epoch see the same images and augmentations."""
+    return train_loader(train_set, cfg.train.batch_size, ctx, cfg.seed * 1000 + run.step,
+                        run.plan.iterations_per_epoch, total_iterations, cfg.data.num_workers,
+                        start_iteration=start_iteration, prefetch_factor=cfg.data.prefetch_factor)
+
+
+def describe_step(run: StepRun, num_images: int, batch_size: int, world_size: int) -> str:
+    plan, method = run.plan, run.method
+    return (f"step {run.step}: {method.num_classes} classes ({method.num_classes - method.num_old} new), "
+            f"{num_images} training images, {plan.epochs} epochs x {plan.iterations_per_epoch} iterations "
+            f"({plan.total_iterations} total), batch {batch_size} ({batch_size // world_size} per process x "
+            f"{world_size} processes)")
+
+
+def last_step(cfg: Config, task) -> int:
+    """The last step this run trains (``end_step``, or the task's last), checked against the task."""
+    end_step = task.num_steps - 1 if cfg.end_step is None else cfg.end_step
+    if not 0 <= cfg.start_step <= end_step < task.num_steps:
+        raise ConfigError(f"steps {cfg.start_step}..{end_step} are outside task {task.name} "
+                          f"(steps 0..{task.num_steps - 1})")
+    return end_step
+
+
+def describe_protocol(cfg: Config, task) -> str:
+    return (f"task {cfg.data.dataset}:{task.name} ({cfg.data.setting}), {task.num_steps} steps, method "
+            f"{resolve_switches(cfg.method, cfg.data.dataset).describe()}, checkpoint policy "
+            f"{cfg.train.checkpoint_policy}, eval {cfg.data.eval_mode}")
+
+
+def run_meta(cfg: Config, task, ctx: DistContext, skipped_bad_files: dict, runtime: dict) -> dict:
+    """What produced a run's numbers (``results.json``'s ``meta``): the protocol, the processes, the runtime."""
+    return {"name": cfg.name,
+            "dataset": "synthetic (VOC layout)" if cfg.data.synthetic.enabled else cfg.data.dataset,
+            "task": task.name, "setting": cfg.data.setting,
+            "method": resolve_switches(cfg.method, cfg.data.dataset).describe(),
+            "architecture": f"{cfg.model.architecture} {cfg.model.backbone}",
+            "checkpoint_policy": cfg.train.checkpoint_policy, "eval_mode": cfg.data.eval_mode,
+            "base_size": cfg.data.base_size, "crop_size": cfg.data.crop_size,
+            "steps": [list(s) for s in task.steps], "processes": ctx.world_size,
+            "threads": torch.get_num_threads(),  # CPU results depend on it (the order of float sums)
+            "skipped_bad_files": skipped_bad_files, "runtime": runtime}
+
+
 class IncrementalTrainer:
     def __init__(self, cfg: Config, ctx: DistContext, resume: bool = False):
         self.cfg, self.ctx, self.resume = cfg, ctx, resume
         self.log = get_logger()
         self.task = get_task(cfg.data.dataset, cfg.data.task, cfg.data.custom_steps)
-        self.switches = resolve_switches(cfg.method, cfg.data.dataset)
         self.folder = RunFolder(cfg.run_dir)
-        self.end_step = self.task.num_steps - 1 if cfg.end_step is None else cfg.end_step
-        if not 0 <= cfg.start_step <= self.end_step < self.task.num_steps:
-            raise ConfigError(f"steps {cfg.start_step}..{self.end_step} are outside task {self.task.name} "
-                              f"(steps 0..{self.task.num_steps - 1})")
+        self.end_step = last_step(cfg, self.task)
         check_batch_for_batch_norm(cfg, ctx)
         self.runtime = runtime_record(cfg.train, cfg.model.architecture, ctx)  # what runs: logged, in results.json
         # A no-op until run() has checked the run folder: a refused run or --eval-only writes no event file.
@@ -117,9 +160,7 @@ class IncrementalTrainer:
             fallback = precision_fallback(self.ctx.device, self.cfg.train.amp)
             if fallback and self.ctx.is_main:
                 self.log.warning("%s", fallback)
-            self.log.info("task %s:%s (%s), %d steps, method %s, checkpoint policy %s, eval %s",
-                          self.cfg.data.dataset, self.task.name, self.cfg.data.setting, self.task.num_steps,
-                          self.switches.describe(), self.cfg.train.checkpoint_policy, self.cfg.data.eval_mode)
+            self.log.info("%s", describe_protocol(self.cfg, self.task))
             results = self.folder.finished_metrics(range(self.cfg.start_step))  # results.json stays whole
             with self.stop:
                 for step in range(self.cfg.start_step, self.end_step + 1):
@@ -210,12 +251,8 @@ class IncrementalTrainer:
         return step_models(self.cfg.model, self.task, step, method, self.cfg.data.crop_size, previous, source)
 
     def train_step(self, run: StepRun, train_set: IncrementalSegmentation) -> None:
-        cfg, plan, train_cfg = self.cfg, run.plan, self.cfg.train
-        self.log.info("step %d: %d classes (%d new), %d training images, %d epochs x %d iterations (%d total), "
-                      "batch %d (%d per process x %d processes)", run.step, run.method.num_classes,
-                      run.method.num_classes - run.method.num_old, len(train_set), plan.epochs,
-                      plan.iterations_per_epoch, plan.total_iterations, train_cfg.batch_size,
-                      train_cfg.batch_size // self.ctx.world_size, self.ctx.world_size)
+        cfg, train_cfg = self.cfg, self.cfg.train
+        self.log.info("%s", describe_step(run, len(train_set), train_cfg.batch_size, self.ctx.world_size))
         if run.method.needs_step_statistics and not run.method.has_step_statistics:
             self.step_statistics(run, train_set)  # once per step: a resumed step holds them already
         elif run.method.needs_step_statistics:
@@ -223,9 +260,7 @@ class IncrementalTrainer:
         if train_cfg.validation != "none":
             self.evaluator.selection_loader(run.step)  # its workers start before training's, as they always did
         started = time.time()
-        batches = train_loader(train_set, train_cfg.batch_size, self.ctx, cfg.seed * 1000 + run.step,
-                               plan.iterations_per_epoch, plan.total_iterations, cfg.data.num_workers,
-                               start_iteration=run.state.iteration, prefetch_factor=cfg.data.prefetch_factor)
+        batches = step_batches(train_set, cfg, self.ctx, run, run.plan.total_iterations, run.state.iteration)
         logger = StepLogger(self.writer, f"step{run.step}", train_cfg.log_interval, train_cfg.image_log_interval,
                             dataset_palette(cfg.data.dataset))
         train(run, batches, logger, self.after_iteration)
@@ -238,17 +273,13 @@ class IncrementalTrainer:
         in-step checkpoint at once (a resumed step never repeats the pass) and logged."""
         cfg, plan = self.cfg, run.plan
         started = time.time()
-        batches = train_loader(train_set, cfg.train.batch_size, self.ctx, cfg.seed * 1000 + run.step,
-                               plan.iterations_per_epoch, total_iterations=plan.iterations_per_epoch,
-                               num_workers=cfg.data.num_workers, start_iteration=0,
-                               prefetch_factor=cfg.data.prefetch_factor)
+        batches = step_batches(train_set, cfg, self.ctx, run, plan.iterations_per_epoch, start_iteration=0)
         collect_step_statistics(run, batches)
         run.method.finish_step_statistics(sum_over_processes)
         self.save_in_step(run)
         self.log.info("step %d: PLOP's entropy thresholds from one pass of the old model over %d batches of %d "
                       "images (%.1f s): %s", run.step, plan.iterations_per_epoch, cfg.train.batch_size,
-                      time.time() - started, describe_thresholds(run.method.thresholds, run.method.num_old,
-                                                                 run.method.switches.entropy_threshold))
+                      time.time() - started, describe_thresholds(run.method))
         if self.stop.agreed():  # a stop signal during the pass: what it computed is saved
             raise RunInterrupted(f"{self.stop.name} received: stopped after the old-model pass of step {run.step}, "
                                  f"saved in {self.folder.partial_checkpoint(run.step)}", self.stop.signum)
@@ -311,13 +342,4 @@ class IncrementalTrainer:
         barrier()
 
     def meta(self) -> dict:
-        cfg = self.cfg
-        return {"name": cfg.name,
-                "dataset": "synthetic (VOC layout)" if cfg.data.synthetic.enabled else cfg.data.dataset,
-                "task": self.task.name, "setting": cfg.data.setting, "method": self.switches.describe(),
-                "architecture": f"{cfg.model.architecture} {cfg.model.backbone}",
-                "checkpoint_policy": cfg.train.checkpoint_policy, "eval_mode": cfg.data.eval_mode,
-                "base_size": cfg.data.base_size, "crop_size": cfg.data.crop_size,
-                "steps": [list(s) for s in self.task.steps], "processes": self.ctx.world_size,
-                "threads": torch.get_num_threads(),  # CPU results depend on it (the order of float sums)
-                "skipped_bad_files": self.skipped_bad_files, "runtime": self.runtime}
+        return run_meta(self.cfg, self.task, self.ctx, self.skipped_bad_files, self.runtime)
