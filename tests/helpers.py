@@ -128,6 +128,16 @@ def assert_clean_user_error(result: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
+def assert_same_finished_step(resumed: Path, uninterrupted: Path) -> None:
+    """Two finished-step checkpoints hold bit-identical weights (and the same score, when both record one)."""
+    ours = torch.load(resumed, map_location="cpu", weights_only=True)
+    theirs = torch.load(uninterrupted, map_location="cpu", weights_only=True)
+    assert ours["model"].keys() == theirs["model"].keys()
+    for key, value in theirs["model"].items():
+        assert torch.equal(ours["model"][key], value), f"{key} differs from the uninterrupted run's"
+    assert ours["metrics"]["miou_all"] == theirs["metrics"]["miou_all"]
+
+
 def kill_when(command: list[str], log: Path, ready, waiting_for: str) -> None:
     """Start ``command`` (its output to ``log``) and SIGKILL it the moment ``ready()`` holds; the test fails if
     the run ends first or nothing happens within ``RUN_TIMEOUT``."""

@@ -14,8 +14,8 @@ import shutil
 import pytest
 import torch
 
-from tests.helpers import (ROOT, STEPS_3, assert_clean_user_error, describe, event_files, file_set,
-                           kill_when, main_argv, main_command, run, run_in_process, run_options, scalars)
+from tests.helpers import (ROOT, STEPS_3, assert_clean_user_error, assert_same_finished_step, describe,
+                           event_files, file_set, kill_when, main_argv, main_command, run, run_in_process, run_options, scalars)
 
 PASS_LOGGED = "PLOP's entropy thresholds from one pass of the old model"
 # POD slices every map into 4 x 4 regions (spec 2.2): at 32 px the tiny runs need output stride 8 (4 x 4 maps)
@@ -225,10 +225,5 @@ def test_plop_killed_mid_step_resumes_without_a_second_pass_and_bit_identical(da
                                  + ["method.name=plop"]))
     assert reference.returncode == 0, describe(reference)
     assert [len(pass_lines(reference.stdout, step)) for step in range(3)] == [0, 1, 1]
-    resumed = torch.load(checkpoints / "step2.pt", map_location="cpu", weights_only=True)
-    uninterrupted = torch.load(runs_dir / "plop_resume_reference" / "checkpoints" / "step2.pt", map_location="cpu",
-                               weights_only=True)
-    assert resumed["model"].keys() == uninterrupted["model"].keys()
-    for key, value in uninterrupted["model"].items():
-        assert torch.equal(resumed["model"][key], value), f"{key} differs from the uninterrupted run's"
-    assert resumed["metrics"]["miou_all"] == uninterrupted["metrics"]["miou_all"]
+    assert_same_finished_step(checkpoints / "step2.pt",
+                              runs_dir / "plop_resume_reference" / "checkpoints" / "step2.pt")

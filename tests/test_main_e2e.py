@@ -20,8 +20,9 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import (ROOT, STEPS_3, RUN_TIMEOUT, subprocess_env, run_options, main_command, run, run_in_process, main_argv, describe, sha256, file_set, event_files, scalars, assert_clean_user_error,
-                           kill_when, on_two_gloo_ranks)
+from tests.helpers import (ROOT, STEPS_3, RUN_TIMEOUT, assert_clean_user_error, assert_same_finished_step, describe,
+                           event_files, file_set, kill_when, main_argv, main_command, on_two_gloo_ranks, run,
+                           run_in_process, run_options, scalars, sha256, subprocess_env)
 
 
 # ------------------------------------------------------------------ 1. end to end
@@ -158,13 +159,7 @@ def test_killed_run_resumes_without_retraining(data_root, runs_dir, finished_run
                                              epochs_incremental=1, max_iters_per_step=total,
                                              checkpoint_interval=2)))
     assert reference.returncode == 0, describe(reference)
-    resumed = torch.load(checkpoints / "step2.pt", map_location="cpu", weights_only=True)
-    uninterrupted = torch.load(runs_dir / "resume_reference" / "checkpoints" / "step2.pt", map_location="cpu",
-                               weights_only=True)
-    assert resumed["model"].keys() == uninterrupted["model"].keys()
-    for key, value in uninterrupted["model"].items():
-        assert torch.equal(resumed["model"][key], value), f"{key} differs from the uninterrupted run's"
-    assert resumed["metrics"]["miou_all"] == uninterrupted["metrics"]["miou_all"]
+    assert_same_finished_step(checkpoints / "step2.pt", runs_dir / "resume_reference" / "checkpoints" / "step2.pt")
 
 
 # ------------------------------------------------------------------ 3. distributed (gloo, 2 processes)
@@ -425,11 +420,8 @@ def test_sigterm_mid_step_saves_and_resume_redoes_nothing(data_root, runs_dir):
                                              epochs_incremental=2, max_iters_per_step=total,
                                              checkpoint_interval=100) + ["data.num_workers=1"]))
     assert reference.returncode == 0, describe(reference)
-    resumed = torch.load(run_dir / "checkpoints" / "step2.pt", map_location="cpu", weights_only=True)["model"]
-    uninterrupted = torch.load(runs_dir / "sigterm_reference" / "checkpoints" / "step2.pt", map_location="cpu",
-                               weights_only=True)["model"]
-    for key, value in uninterrupted.items():
-        assert torch.equal(resumed[key], value), f"{key} differs from the uninterrupted run's"
+    assert_same_finished_step(run_dir / "checkpoints" / "step2.pt",
+                              runs_dir / "sigterm_reference" / "checkpoints" / "step2.pt")
 
 
 def _agree_on_stop(rank: int, world_size: int, port: int, results) -> None:

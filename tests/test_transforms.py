@@ -1,8 +1,11 @@
 """The uint8 data pipeline: decoding, label/image alignment after random scaling, the two crop
 paddings, normalisation on the device, per-sample seeding and the loaders' prefetch factor."""
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -246,6 +249,44 @@ def test_prefetch_factor_reaches_loaders_with_workers():
     assert eval_loader(Draws(), 2, ctx, num_workers=2, prefetch_factor=3).prefetch_factor == 3
     # without workers DataLoader refuses a prefetch factor: it is left out
     assert eval_loader(Draws(), 2, ctx, num_workers=0, prefetch_factor=3).prefetch_factor is None
+
+
+class SlowDraws(Draws):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        time.sleep(0.05)  # the worker is still busy when the signal comes
+        return torch.rand(4)
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_loader_workers_outlive_a_stop_signal_sent_to_the_whole_job(stop_signal):
+    """A scheduler signals every process of the job: the workers must keep serving the batch the main process
+    is fetching (the main process finishes the iteration, saves, and stops them itself)."""
+    loader = train_loader(SlowDraws(), 2, DistContext(), seed=0, iterations_per_epoch=4, total_iterations=4,
+                          num_workers=1)
+    batches = iter(loader)
+    next(batches)
+    worker = batches._workers[0]
+    subprocess.run(["kill", f"-{stop_signal.name[3:]}", str(worker.pid)], check=True)  # sent by another process
+    time.sleep(0.2)
+    assert worker.is_alive()
+    assert len(list(batches)) == 3
+    del batches
+
+
+def test_loader_workers_stop_when_their_main_process_terminates_them():
+    """multiprocessing terminates daemonic workers with SIGTERM at the interpreter's exit and then waits for them:
+    a worker that ignored every SIGTERM would hang the exit of a process that still held a loader iterator."""
+    batches = iter(train_loader(SlowDraws(), 2, DistContext(), seed=0, iterations_per_epoch=4, total_iterations=4,
+                                num_workers=1))
+    next(batches)
+    worker = batches._workers[0]
+    worker.terminate()
+    worker.join(timeout=10)
+    assert not worker.is_alive()
+    assert worker.exitcode == 0
 
 
 @pytest.mark.slow

@@ -9,7 +9,10 @@ per epoch); it yields the batches of iterations ``start_iteration .. total - 1``
 """
 from __future__ import annotations
 
+import os
 import random
+import signal
+import threading
 from typing import Optional
 
 import numpy as np
@@ -18,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from utils.config import batch_per_process
 from utils.distributed import DistContext
+from utils.errors import STOP_SIGNALS
 
 
 class StepSampler(Sampler[tuple[int, int]]):
@@ -97,11 +101,34 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-def _seed_worker(worker_id: int) -> None:
+def _leave_stop_signals_to_the_main_process() -> None:
+    """A scheduler sends SIGTERM (a terminal SIGINT) to the whole process group. torch's worker dies of SIGTERM at
+    once, and a batch the main process was receiving from it is lost with a traceback before the main process
+    could finish the iteration and save. So a worker takes the stop signals in a thread of its own and exits only
+    when its parent sends one (multiprocessing's terminate at the parent's exit, as torch's handler does); the
+    main process stops its workers itself. Where the signal's sender cannot be read (no ``sigwaitinfo``, e.g.
+    macOS), torch's behaviour stays."""
+    if not hasattr(signal, "sigwaitinfo"):
+        return
+    parent = os.getppid()
+    # blocked before the waiting thread starts: a forked worker has one thread, and threads it starts later
+    # (the queue's feeder) inherit the mask, so no thread runs torch's handler
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+
+    def wait_for_the_parent() -> None:
+        while signal.sigwaitinfo(STOP_SIGNALS).si_pid != parent:
+            pass
+        os._exit(0)
+
+    threading.Thread(target=wait_for_the_parent, name="stop-signals", daemon=True).start()
+
+
+def _prepare_worker(worker_id: int) -> None:
     # torch seeds each worker from the loader's generator; derive numpy/random from it.
     seed = torch.initial_seed() % 2**32
     np.random.seed(seed)
     random.seed(seed)
+    _leave_stop_signals_to_the_main_process()
 
 
 def iterations_per_epoch(dataset_size: int, global_batch: int) -> int:
@@ -123,7 +150,7 @@ def train_loader(dataset: Dataset, global_batch: int, ctx: DistContext, seed: in
                           start_iteration)
     generator = torch.Generator().manual_seed(seed * 7919 + ctx.rank)
     return DataLoader(SeededSamples(dataset), batch_size=per_rank, sampler=sampler, num_workers=num_workers,
-                      drop_last=True, pin_memory=ctx.device.type == "cuda", worker_init_fn=_seed_worker,
+                      drop_last=True, pin_memory=ctx.device.type == "cuda", worker_init_fn=_prepare_worker,
                       generator=generator, prefetch_factor=_prefetch(num_workers, prefetch_factor))
 
 
@@ -134,6 +161,6 @@ def eval_loader(dataset: Dataset, batch_size: int, ctx: DistContext, num_workers
     # a generator of its own: without one, every pass would draw its workers' seed from the global generator
     # and move the dropout draws of the training that follows a validation
     return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), ctx),
-                      num_workers=num_workers, pin_memory=ctx.device.type == "cuda", worker_init_fn=_seed_worker,
+                      num_workers=num_workers, pin_memory=ctx.device.type == "cuda", worker_init_fn=_prepare_worker,
                       generator=torch.Generator(), prefetch_factor=_prefetch(num_workers, prefetch_factor),
                       persistent_workers=reused and num_workers > 0)

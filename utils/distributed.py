@@ -281,9 +281,9 @@ class StopRequest:
 
     def _handle(self, signum, frame) -> None:
         self.signum = signum
-        # A scheduler's stop signal reaches the data-loader workers too, and they die of it; torch's SIGCHLD
-        # handler would then raise here, in the middle of the iteration (or of the checkpoint write). This
-        # process fetches no batch after the current iteration, so their exit no longer matters.
+        # Our data-loader workers outlive stop signals (trainer/loaders.py), but a worker of other code, or one
+        # killed outright, may die now; torch's SIGCHLD handler would then raise here, in the middle of the
+        # iteration (or of the checkpoint write). This process fetches no batch after the current iteration, so no exit matters.
         if self.child_handler is None:
             self.child_handler = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
