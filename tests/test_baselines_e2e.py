@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from tests.helpers import (ROOT, STEPS_3, assert_clean_user_error, assert_same_finished_step, describe,
-                           event_files, file_set, kill_when, main_argv, main_command, run, run_in_process, run_options, scalars)
+                           event_files, file_set, kill_when, main_argv, main_command, run, run_in_process, run_options,
+                           scalars)
 
 PASS_LOGGED = "PLOP's entropy thresholds from one pass of the old model"
 # POD slices every map into 4 x 4 regions (spec 2.2): at 32 px the tiny runs need output stride 8 (4 x 4 maps)
