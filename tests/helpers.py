@@ -129,7 +129,7 @@ def assert_clean_user_error(result: subprocess.CompletedProcess) -> str:
 
 
 def assert_same_finished_step(resumed: Path, uninterrupted: Path) -> None:
-    """Two finished-step checkpoints hold bit-identical weights (and the same score, when both record one)."""
+    """Two finished-step checkpoints hold bit-identical weights and the same test score."""
     ours = torch.load(resumed, map_location="cpu", weights_only=True)
     theirs = torch.load(uninterrupted, map_location="cpu", weights_only=True)
     assert ours["model"].keys() == theirs["model"].keys()

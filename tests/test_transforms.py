@@ -1,7 +1,6 @@
 """The uint8 data pipeline: decoding, label/image alignment after random scaling, the two crop
 paddings, normalisation on the device, per-sample seeding and the loaders' prefetch factor."""
 import json
-import os
 import signal
 import subprocess
 import sys

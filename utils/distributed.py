@@ -283,7 +283,8 @@ class StopRequest:
         self.signum = signum
         # Our data-loader workers outlive stop signals (trainer/loaders.py), but a worker of other code, or one
         # killed outright, may die now; torch's SIGCHLD handler would then raise here, in the middle of the
-        # iteration (or of the checkpoint write). This process fetches no batch after the current iteration, so no exit matters.
+        # iteration (or of the checkpoint write). This process fetches no batch after the current iteration, so
+        # no exit matters.
         if self.child_handler is None:
             self.child_handler = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
 
